@@ -1,0 +1,810 @@
+//! [`Disk`]: the one interface devices use. Requests go in with [`Disk::submit`], completions
+//! come out of [`Disk::completions`] after the eventfd ([`Disk::completion_fd`]) fires, so one
+//! device thread can serve many disks and queues.
+//!
+//! A request becomes one or more engine operations:
+//!
+//! ```text
+//!  read,  aligned            : preadv into guest memory
+//!  read,  unaligned          : preadv aligned range into bounce buffer ─▶ copy out
+//!  write, aligned            : [shared lock] pwritev from guest memory
+//!  write, memory unaligned   : [shared lock] copy into bounce ─▶ pwritev
+//!  write, offset unaligned   : [exclusive lock] preadv head/tail blocks ─▶ patch ─▶ pwritev
+//!  discard / write-zeroes    : [shared lock] fallocate (─▶ fdatasync when WCE is off)
+//!  flush                     : fdatasync (nothing with cache=unsafe)
+//! ```
+//!
+//! "Aligned" means O_DIRECT's request and memory alignment; without O_DIRECT everything is
+//! aligned. Writes go out with RWF_DSYNC while the guest's write cache (WCE) is off, which is
+//! O_DSYNC's meaning applied per write, so the runtime WCE toggle takes effect at once.
+
+mod range_lock;
+mod request;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::engine::{new_engine, Engine, EngineCompletion, EngineOp, IoVecs, OpKind};
+use crate::format::FormatDriver;
+use crate::lock::ImageLock;
+use crate::options::{CacheMode, DiskOptions, Format};
+use crate::raw::{direct_io_alignment, RawDriver};
+use crate::sg::{AlignedBuf, SgList};
+use crate::BlockError;
+use range_lock::{Range, RangeLock};
+pub use request::{Completion, Request, RequestOp, SubmitError};
+
+/// Where an engine transfer reads from or writes to.
+enum XferBuf {
+    Guest(SgList),
+    Bounce(AlignedBuf),
+}
+
+impl XferBuf {
+    fn iovecs_after(&self, skip: usize) -> IoVecs {
+        match self {
+            XferBuf::Guest(sg) => IoVecs(
+                sg.iovecs_after(skip)
+                    .into_iter()
+                    .map(|v| v.to_libc())
+                    .collect(),
+            ),
+            XferBuf::Bounce(b) => IoVecs(vec![b.iovec(skip, b.len() - skip).to_libc()]),
+        }
+    }
+}
+
+/// What to do when a transfer has moved all its bytes.
+enum Then {
+    /// Complete with this many bytes.
+    Complete(usize),
+    /// Copy `len` bounce bytes from `skip` into `sg`, then complete with `len`.
+    CopyOut { sg: SgList, skip: usize, len: usize },
+}
+
+enum State {
+    /// Waiting for its range lock.
+    Waiting(RequestOp),
+    /// A read or write that resubmits its remainder after short transfers.
+    Xfer {
+        write: bool,
+        buf: XferBuf,
+        host_off: u64,
+        total: usize,
+        done: usize,
+        dsync: bool,
+        then: Then,
+        /// Guest memory of a bounced write, kept mapped until completion.
+        _keep: Option<SgList>,
+    },
+    /// Reading the blocks around an unaligned write.
+    RmwRead {
+        sg: SgList,
+        buf: AlignedBuf,
+        host_off: u64,
+        skip: usize,
+        pending: u32,
+        err: Option<io::Error>,
+    },
+    /// fdatasync in flight; completes with `result` bytes.
+    Sync { result: usize },
+    /// fallocate in flight.
+    Falloc {
+        len: usize,
+        advisory: bool,
+        sync_after: bool,
+    },
+}
+
+struct InFlight {
+    tag: u64,
+    locked: bool,
+    state: State,
+}
+
+/// An open disk: format driver, engine, cache mode and the request pipeline.
+pub struct Disk {
+    // Dropped first: the engine waits for operations in flight, whose buffers live below.
+    engine: Box<dyn Engine>,
+    inflight: HashMap<u64, InFlight>,
+    driver: Box<dyn FormatDriver>,
+    _lock: Option<ImageLock>,
+    evt: EventFd,
+    cache: CacheMode,
+    wce: bool,
+    readonly: bool,
+    discard: bool,
+    req_align: u64,
+    mem_align: usize,
+    next_id: u64,
+    ranges: RangeLock,
+    done: VecDeque<Completion>,
+}
+
+fn open_file(path: &Path, readonly: bool, direct: bool) -> Result<File, BlockError> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(!readonly);
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    o.custom_flags(flags);
+    o.open(path).map_err(|source| {
+        if direct && source.raw_os_error() == Some(libc::EINVAL) {
+            BlockError::DirectUnsupported {
+                path: path.to_path_buf(),
+            }
+        } else {
+            BlockError::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+/// Open a disk: check the engine, open and lock the image, detect its format by magic (when
+/// `opts.format` is `None`) and set up the pipeline.
+pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+    let engine = new_engine(opts, evt.try_clone().map_err(BlockError::EventFd)?)?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => {
+            let f = crate::img::probe_format(&opts.path)?;
+            if f == Format::Raw && !opts.readonly {
+                log::warn!(
+                    "{}: format not given, probed as raw; pass format=raw to be safe from guest-written headers",
+                    opts.path.display()
+                );
+            }
+            f
+        }
+    };
+    if format == Format::Qcow2 {
+        // Validate the header so users get the precise complaint first.
+        crate::qcow2::Qcow2Header::read_path(&opts.path)?;
+        return Err(BlockError::Qcow2IoNotImplemented {
+            path: opts.path.clone(),
+        });
+    }
+    let direct = opts.cache.direct();
+    let file = open_file(&opts.path, opts.readonly, direct)?;
+    let lock = if opts.locking {
+        Some(ImageLock::acquire(&file, &opts.path, opts.readonly)?)
+    } else {
+        None
+    };
+    let (req_align, mem_align) = if direct {
+        direct_io_alignment(&file)
+    } else {
+        (1, 1)
+    };
+    let driver = RawDriver::new(file, req_align).map_err(|source| BlockError::Open {
+        path: opts.path.clone(),
+        source,
+    })?;
+    Ok(Disk {
+        engine,
+        inflight: HashMap::new(),
+        driver: Box::new(driver),
+        _lock: lock,
+        evt,
+        cache: opts.cache,
+        wce: opts.cache.initial_wce(),
+        readonly: opts.readonly,
+        discard: opts.discard,
+        req_align: req_align as u64,
+        mem_align,
+        next_id: 0,
+        ranges: RangeLock::default(),
+        done: VecDeque::new(),
+    })
+}
+
+fn align_down(x: u64, a: u64) -> u64 {
+    x - x % a
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    align_down(x + a - 1, a)
+}
+
+impl Disk {
+    /// Guest-visible size in bytes.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    /// Image format.
+    pub fn format(&self) -> Format {
+        self.driver.format()
+    }
+
+    /// Host cache mode.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.cache
+    }
+
+    /// I/O engine.
+    pub fn aio_mode(&self) -> crate::AioMode {
+        self.engine.mode()
+    }
+
+    /// Guest-visible logical block size.
+    pub fn logical_block_size(&self) -> u32 {
+        self.driver.logical_block_size()
+    }
+
+    /// Guest-visible physical block size (at least the O_DIRECT alignment).
+    pub fn physical_block_size(&self) -> u32 {
+        self.driver.physical_block_size()
+    }
+
+    /// O_DIRECT request alignment in bytes (1 without O_DIRECT).
+    pub fn request_alignment(&self) -> u64 {
+        self.req_align
+    }
+
+    /// Whether discards reach the host.
+    pub fn supports_discard(&self) -> bool {
+        self.discard && self.driver.supports_discard()
+    }
+
+    /// Whether the disk is read-only.
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// The guest-visible write cache state (WCE).
+    pub fn wce(&self) -> bool {
+        self.wce
+    }
+
+    /// Change WCE at run time: off makes every later write durable before it completes.
+    pub fn set_wce(&mut self, on: bool) {
+        self.wce = on;
+    }
+
+    /// Eventfd written when completions are ready; [`Disk::completions`] resets it.
+    pub fn completion_fd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Number of requests submitted and not yet returned by [`Disk::completions`].
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len() + self.done.len()
+    }
+
+    /// Start a request. Requests past the end of the disk and writes to a read-only disk are
+    /// handed back at once; host failures arrive as completions.
+    pub fn submit(&mut self, req: Request) -> Result<(), Box<SubmitError>> {
+        if let Err(error) = self.validate(&req.op) {
+            return Err(Box::new(SubmitError {
+                error,
+                request: req,
+            }));
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let range = self.lock_range(id, &req.op);
+        let mut entry = InFlight {
+            tag: req.tag,
+            locked: range.is_some(),
+            state: State::Sync { result: 0 },
+        };
+        match range {
+            Some(r) if !self.ranges.lock(r) => {
+                entry.state = State::Waiting(req.op);
+                self.inflight.insert(id, entry);
+            }
+            _ => {
+                self.inflight.insert(id, entry);
+                self.start(id, req.op);
+            }
+        }
+        if !self.done.is_empty() {
+            self.signal();
+        }
+        Ok(())
+    }
+
+    /// Finished requests. Call after the eventfd fires; it resets the eventfd first, so a
+    /// completion that races with this call fires it again.
+    pub fn completions(&mut self) -> std::vec::IntoIter<Completion> {
+        let _ = self.evt.read();
+        while let Some(c) = self.engine.pop_completion() {
+            self.on_engine_completion(c);
+        }
+        self.done.drain(..).collect::<Vec<_>>().into_iter()
+    }
+
+    fn signal(&self) {
+        if let Err(e) = self.evt.write(1) {
+            log::error!("cannot signal block completion eventfd: {e}");
+        }
+    }
+
+    fn validate(&self, op: &RequestOp) -> Result<(), BlockError> {
+        let (offset, len, write) = match op {
+            RequestOp::Read { offset, buf } => (*offset, buf.len() as u64, false),
+            RequestOp::Write { offset, buf } => (*offset, buf.len() as u64, true),
+            RequestOp::Flush => return Ok(()),
+            RequestOp::Discard { offset, len } => (*offset, *len, true),
+            RequestOp::WriteZeroes { offset, len, .. } => (*offset, *len, true),
+        };
+        if write && self.readonly {
+            return Err(BlockError::ReadOnly);
+        }
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// The range a write-type request must hold, if any.
+    fn lock_range(&self, id: u64, op: &RequestOp) -> Option<Range> {
+        let a = self.req_align;
+        let (offset, len, exclusive) = match op {
+            RequestOp::Write { offset, buf } => {
+                let len = buf.len() as u64;
+                (*offset, len, offset % a != 0 || len % a != 0)
+            }
+            RequestOp::Discard { offset, len } | RequestOp::WriteZeroes { offset, len, .. } => {
+                (*offset, *len, false)
+            }
+            RequestOp::Read { .. } | RequestOp::Flush => return None,
+        };
+        if len == 0 {
+            return None;
+        }
+        Some(Range {
+            id,
+            start: align_down(offset, a),
+            end: align_up(offset + len, a),
+            exclusive,
+        })
+    }
+
+    fn complete(&mut self, id: u64, result: Result<usize, BlockError>) {
+        let Some(entry) = self.inflight.remove(&id) else {
+            return;
+        };
+        self.done.push_back((entry.tag, result));
+        if entry.locked {
+            for granted in self.ranges.unlock(id) {
+                let op = match self
+                    .inflight
+                    .get_mut(&granted)
+                    .map(|e| std::mem::replace(&mut e.state, State::Sync { result: 0 }))
+                {
+                    Some(State::Waiting(op)) => op,
+                    _ => continue,
+                };
+                self.start(granted, op);
+            }
+        }
+    }
+
+    fn dsync(&self) -> bool {
+        !self.wce && self.cache.honours_flush()
+    }
+
+    fn set_state(&mut self, id: u64, state: State) {
+        if let Some(e) = self.inflight.get_mut(&id) {
+            e.state = state;
+        }
+    }
+
+    /// Send one engine operation for `id`; on failure the request completes with the error.
+    fn send(&mut self, id: u64, kind: OpKind) -> bool {
+        let op = EngineOp {
+            id,
+            fd: self.fd(),
+            kind,
+        };
+        match self.engine.submit(op) {
+            Ok(()) => true,
+            Err((e, _op)) => {
+                self.complete(id, Err(e));
+                false
+            }
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.driver.data_fd()
+    }
+
+    fn start(&mut self, id: u64, op: RequestOp) {
+        let a = self.req_align;
+        match op {
+            RequestOp::Read { offset, buf } => {
+                let len = buf.len();
+                if len == 0 {
+                    return self.complete(id, Ok(0));
+                }
+                let host = self.driver.host_offset(offset);
+                if offset % a == 0
+                    && len as u64 % a == 0
+                    && buf.is_aligned(self.mem_align, a as usize)
+                {
+                    self.begin_xfer(
+                        id,
+                        false,
+                        XferBuf::Guest(buf),
+                        host,
+                        len,
+                        Then::Complete(len),
+                        None,
+                    );
+                } else {
+                    let start = align_down(offset, a);
+                    let end = align_up(offset + len as u64, a);
+                    let bounce = AlignedBuf::new((end - start) as usize, self.bounce_align());
+                    let skip = (offset - start) as usize;
+                    let total = bounce.len();
+                    self.begin_xfer(
+                        id,
+                        false,
+                        XferBuf::Bounce(bounce),
+                        self.driver.host_offset(start),
+                        total,
+                        Then::CopyOut { sg: buf, skip, len },
+                        None,
+                    );
+                }
+            }
+            RequestOp::Write { offset, buf } => {
+                let len = buf.len();
+                if len == 0 {
+                    return self.complete(id, Ok(0));
+                }
+                let host = self.driver.host_offset(offset);
+                if offset % a == 0 && len as u64 % a == 0 {
+                    if buf.is_aligned(self.mem_align, a as usize) {
+                        self.begin_write(id, XferBuf::Guest(buf), host, len, None);
+                    } else {
+                        let mut bounce = AlignedBuf::new(len, self.bounce_align());
+                        buf.copy_to(0, bounce.as_mut_slice());
+                        self.begin_write(id, XferBuf::Bounce(bounce), host, len, Some(buf));
+                    }
+                } else {
+                    self.begin_rmw(id, offset, buf);
+                }
+            }
+            RequestOp::Flush => {
+                if !self.cache.honours_flush() {
+                    return self.complete(id, Ok(0));
+                }
+                self.set_state(id, State::Sync { result: 0 });
+                self.send(id, OpKind::Fdatasync);
+            }
+            RequestOp::Discard { offset, len } => {
+                if !self.supports_discard() || len == 0 {
+                    return self.complete(id, Ok(len as usize));
+                }
+                self.begin_falloc(
+                    id,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                    true,
+                );
+            }
+            RequestOp::WriteZeroes { offset, len, unmap } => {
+                if len == 0 {
+                    return self.complete(id, Ok(0));
+                }
+                let mode = if unmap && self.supports_discard() {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                self.begin_falloc(id, mode, offset, len, false);
+            }
+        }
+    }
+
+    fn bounce_align(&self) -> usize {
+        self.mem_align.max(self.req_align as usize).max(512)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn begin_xfer(
+        &mut self,
+        id: u64,
+        write: bool,
+        buf: XferBuf,
+        host_off: u64,
+        total: usize,
+        then: Then,
+        keep: Option<SgList>,
+    ) {
+        let iovecs = buf.iovecs_after(0);
+        let dsync = write && self.dsync();
+        self.set_state(
+            id,
+            State::Xfer {
+                write,
+                buf,
+                host_off,
+                total,
+                done: 0,
+                dsync,
+                then,
+                _keep: keep,
+            },
+        );
+        let kind = if write {
+            OpKind::Write {
+                offset: host_off,
+                iovecs,
+                dsync,
+            }
+        } else {
+            OpKind::Read {
+                offset: host_off,
+                iovecs,
+            }
+        };
+        self.send(id, kind);
+    }
+
+    fn begin_write(
+        &mut self,
+        id: u64,
+        buf: XferBuf,
+        host_off: u64,
+        len: usize,
+        keep: Option<SgList>,
+    ) {
+        self.begin_xfer(id, true, buf, host_off, len, Then::Complete(len), keep);
+    }
+
+    /// Unaligned write: read the partial head and tail blocks, then patch and write.
+    fn begin_rmw(&mut self, id: u64, offset: u64, sg: SgList) {
+        let a = self.req_align;
+        let len = sg.len() as u64;
+        let start = align_down(offset, a);
+        let end = align_up(offset + len, a);
+        let buf = AlignedBuf::new((end - start) as usize, self.bounce_align());
+        let host_off = self.driver.host_offset(start);
+        let mut reads = Vec::new();
+        if offset != start {
+            reads.push(0u64);
+        }
+        if offset + len != end && (end - a != start || reads.is_empty()) {
+            reads.push(end - a - start);
+        }
+        let iovecs: Vec<IoVecs> = reads
+            .iter()
+            .map(|&at| IoVecs(vec![buf.iovec(at as usize, a as usize).to_libc()]))
+            .collect();
+        self.set_state(
+            id,
+            State::RmwRead {
+                sg,
+                buf,
+                host_off,
+                skip: (offset - start) as usize,
+                pending: reads.len() as u32,
+                err: None,
+            },
+        );
+        for (at, iovecs) in reads.into_iter().zip(iovecs) {
+            if !self.send(
+                id,
+                OpKind::Read {
+                    offset: host_off + at,
+                    iovecs,
+                },
+            ) {
+                // Completed with the error; a read already in flight finds no entry later.
+                return;
+            }
+        }
+    }
+
+    fn begin_falloc(&mut self, id: u64, mode: i32, offset: u64, len: u64, advisory: bool) {
+        let sync_after = self.dsync();
+        self.set_state(
+            id,
+            State::Falloc {
+                len: len as usize,
+                advisory,
+                sync_after,
+            },
+        );
+        let host = self.driver.host_offset(offset);
+        self.send(
+            id,
+            OpKind::Fallocate {
+                mode,
+                offset: host,
+                len,
+            },
+        );
+    }
+
+    fn on_engine_completion(&mut self, c: EngineCompletion) {
+        enum Action {
+            Wait,
+            Complete(Result<usize, BlockError>),
+            Send(OpKind),
+            FinishXfer,
+            RmwWrite,
+            SyncThen(usize),
+        }
+        let EngineCompletion { id, result } = c;
+        let Some(entry) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        let action = match &mut entry.state {
+            State::Xfer {
+                write,
+                buf,
+                host_off,
+                total,
+                done,
+                dsync,
+                ..
+            } => match result {
+                Err(e) => Action::Complete(Err(BlockError::Io(e))),
+                Ok(n) => {
+                    *done += n;
+                    if *done >= *total {
+                        Action::FinishXfer
+                    } else if n == 0 && *write {
+                        Action::Complete(Err(BlockError::Short {
+                            what: "write",
+                            done: *done,
+                            len: *total,
+                        }))
+                    } else if n == 0 {
+                        // End of file: the rest reads as zeroes (bounce buffers start zeroed).
+                        if let XferBuf::Guest(sg) = buf {
+                            sg.zero_from(*done);
+                        }
+                        Action::FinishXfer
+                    } else {
+                        let iovecs = buf.iovecs_after(*done);
+                        let offset = *host_off + *done as u64;
+                        Action::Send(if *write {
+                            OpKind::Write {
+                                offset,
+                                iovecs,
+                                dsync: *dsync,
+                            }
+                        } else {
+                            OpKind::Read { offset, iovecs }
+                        })
+                    }
+                }
+            },
+            State::RmwRead { pending, err, .. } => {
+                *pending -= 1;
+                if let Err(e) = result {
+                    err.get_or_insert(e);
+                }
+                // Short reads leave zeroes (end of file), which is what the block holds.
+                if *pending > 0 {
+                    Action::Wait
+                } else if let Some(e) = err.take() {
+                    Action::Complete(Err(BlockError::Io(e)))
+                } else {
+                    Action::RmwWrite
+                }
+            }
+            State::Sync { result: bytes } => {
+                Action::Complete(result.map(|_| *bytes).map_err(BlockError::Io))
+            }
+            State::Falloc {
+                len,
+                advisory,
+                sync_after,
+            } => match result {
+                Err(e) if *advisory && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    Action::Complete(Ok(*len))
+                }
+                Err(e) => Action::Complete(Err(BlockError::Io(e))),
+                Ok(_) if *sync_after => Action::SyncThen(*len),
+                Ok(_) => Action::Complete(Ok(*len)),
+            },
+            State::Waiting(_) => {
+                log::error!("engine completion for a request still waiting for its lock");
+                Action::Wait
+            }
+        };
+        match action {
+            Action::Wait => {}
+            Action::Complete(r) => self.complete(id, r),
+            Action::Send(kind) => {
+                self.send(id, kind);
+            }
+            Action::FinishXfer => self.finish_xfer(id),
+            Action::SyncThen(len) => {
+                self.set_state(id, State::Sync { result: len });
+                self.send(id, OpKind::Fdatasync);
+            }
+            Action::RmwWrite => {
+                let Some(e) = self.inflight.get_mut(&id) else {
+                    return;
+                };
+                let State::RmwRead {
+                    sg,
+                    mut buf,
+                    host_off,
+                    skip,
+                    ..
+                } = std::mem::replace(&mut e.state, State::Sync { result: 0 })
+                else {
+                    return;
+                };
+                let len = sg.len();
+                sg.copy_to(0, &mut buf.as_mut_slice()[skip..skip + len]);
+                let total = buf.len();
+                self.begin_xfer(
+                    id,
+                    true,
+                    XferBuf::Bounce(buf),
+                    host_off,
+                    total,
+                    Then::Complete(len),
+                    Some(sg),
+                );
+            }
+        }
+    }
+
+    fn finish_xfer(&mut self, id: u64) {
+        let Some(e) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        let State::Xfer { buf, then, .. } =
+            std::mem::replace(&mut e.state, State::Sync { result: 0 })
+        else {
+            return;
+        };
+        match then {
+            Then::Complete(n) => self.complete(id, Ok(n)),
+            Then::CopyOut { sg, skip, len } => {
+                if let XferBuf::Bounce(b) = &buf {
+                    sg.copy_from(0, &b.as_slice()[skip..skip + len]);
+                }
+                self.complete(id, Ok(len));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("format", &self.format())
+            .field("size", &self.size())
+            .field("cache", &self.cache)
+            .field("aio", &self.engine.mode())
+            .field("wce", &self.wce)
+            .field("readonly", &self.readonly)
+            .field("req_align", &self.req_align)
+            .field("mem_align", &self.mem_align)
+            .finish()
+    }
+}
+
+impl AsRawFd for Disk {
+    /// The completion eventfd.
+    fn as_raw_fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+}

@@ -1,0 +1,509 @@
+//! Pipeline tests: a model test of random concurrent mixes against an in-memory image for
+//! raw × every cache mode × every implemented engine, plus edge cases and durability.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::options::AioMode;
+use crate::testutil::{Rng, TempDir};
+
+const DISK_SIZE: u64 = 1 << 20;
+const MEM_SIZE: usize = 16 << 20;
+const SLOT: u64 = 128 << 10;
+const MAX_LEN: u64 = 64 << 10;
+const ENGINES: [AioMode; 2] = [AioMode::Threads, AioMode::IoUring];
+
+fn make_image(dir: &TempDir, size: u64) -> std::path::PathBuf {
+    let p = dir.path().join("disk.raw");
+    File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+fn opts(path: &Path, cache: CacheMode, aio: AioMode) -> DiskOptions {
+    DiskOptions {
+        format: Some(Format::Raw),
+        cache,
+        aio,
+        ..DiskOptions::new(path)
+    }
+}
+
+/// Wait on the eventfd until `n` completions arrived.
+fn wait_all(disk: &mut Disk, n: usize) -> Vec<Completion> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let mut pfd = libc::pollfd {
+            fd: disk.completion_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert!(r > 0, "no completion within 10 s ({} of {n})", got.len());
+        got.extend(disk.completions());
+    }
+    assert_eq!(got.len(), n);
+    got
+}
+
+fn run(disk: &mut Disk, op: RequestOp) -> Result<usize, BlockError> {
+    disk.submit(Request { tag: 7, op }).map_err(|e| e.error)?;
+    wait_all(disk, 1).pop().unwrap().1
+}
+
+fn guest_sg(mem: &GuestMemoryMmap, addr: u64, len: u64, rng: &mut Rng) -> SgList {
+    // 1 to 3 segments with random split points.
+    let mut segs = Vec::new();
+    let mut at = addr;
+    let mut left = len;
+    let pieces = 1 + rng.below(3);
+    for i in 0..pieces {
+        let n = if i + 1 == pieces || left <= 1 {
+            left
+        } else {
+            1 + rng.below(left - 1)
+        };
+        segs.push((GuestAddress(at), n as usize));
+        at += n;
+        left -= n;
+        if left == 0 {
+            break;
+        }
+    }
+    SgList::from_guest(mem, &segs).unwrap()
+}
+
+/// Small requests packed into a few blocks, so concurrent requests share blocks.
+const HOT_SIZE: u64 = 8192;
+const HOT_MAX_LEN: u64 = 700;
+
+fn random_range(rng: &mut Rng, hot: bool) -> (u64, u64) {
+    if hot {
+        let off = rng.below(HOT_SIZE);
+        let len = (1 + rng.below(HOT_MAX_LEN)).min(HOT_SIZE - off);
+        return (off, len);
+    }
+    let pick = |rng: &mut Rng, max: u64| match rng.below(4) {
+        0 => rng.below(max / 4096 + 1) * 4096,
+        1 => rng.below(max / 512 + 1) * 512,
+        _ => rng.below(max + 1),
+    };
+    let off = pick(rng, DISK_SIZE - 1).min(DISK_SIZE - 1);
+    let len = pick(rng, MAX_LEN).clamp(1, DISK_SIZE - off);
+    (off, len)
+}
+
+enum Planned {
+    Read { off: u64, len: u64, addr: u64 },
+    Write { off: u64, data: Vec<u8> },
+    Zero { off: u64, len: u64 },
+    Flush,
+}
+
+/// Random batches of concurrent requests. Within a batch, writes/discards/zeroes are
+/// byte-disjoint from each other and from reads, but freely share blocks, so every result is
+/// determined and read-modify-write races would show.
+fn model_test(cache: CacheMode, aio: AioMode, seed: u64, rounds: usize) {
+    let dir = TempDir::new("model");
+    let path = make_image(&dir, DISK_SIZE);
+    let mut disk = open_disk(&opts(&path, cache, aio)).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut model = vec![0u8; DISK_SIZE as usize];
+    let mut rng = Rng::new(seed);
+    let mut tag = 0u64;
+    for round in 0..rounds {
+        if round == rounds / 2 {
+            let wce = disk.wce();
+            disk.set_wce(!wce);
+        }
+        let hot = rng.below(2) == 0;
+        let k = 1 + rng.below(if hot { 16 } else { 8 }) as usize;
+        let mut planned: Vec<(u64, Planned)> = Vec::new();
+        let mut busy: Vec<(u64, u64, bool)> = Vec::new(); // (start, end, writes)
+        for slot in 0..k as u64 {
+            let kind = rng.below(100);
+            let (off, len) = random_range(&mut rng, hot);
+            let writes = (40..90).contains(&kind);
+            let clash = busy
+                .iter()
+                .any(|&(s, e, w)| off < e && s < off + len && (w || writes));
+            if clash && kind < 90 {
+                continue;
+            }
+            // Unaligned guest memory half of the time.
+            let addr = slot * SLOT
+                + if rng.below(2) == 0 {
+                    0
+                } else {
+                    1 + rng.below(4095)
+                };
+            tag += 1;
+            let p = match kind {
+                0..=39 => {
+                    mem.write_slice(&vec![0xee; len as usize], GuestAddress(addr))
+                        .unwrap();
+                    let sg = guest_sg(&mem, addr, len, &mut rng);
+                    disk.submit(Request {
+                        tag,
+                        op: RequestOp::Read {
+                            offset: off,
+                            buf: sg,
+                        },
+                    })
+                    .unwrap();
+                    Planned::Read { off, len, addr }
+                }
+                40..=74 => {
+                    let data: Vec<u8> = (0..len).map(|_| rng.next() as u8 | 1).collect();
+                    mem.write_slice(&data, GuestAddress(addr)).unwrap();
+                    let sg = guest_sg(&mem, addr, len, &mut rng);
+                    disk.submit(Request {
+                        tag,
+                        op: RequestOp::Write {
+                            offset: off,
+                            buf: sg,
+                        },
+                    })
+                    .unwrap();
+                    Planned::Write { off, data }
+                }
+                75..=81 => {
+                    disk.submit(Request {
+                        tag,
+                        op: RequestOp::Discard { offset: off, len },
+                    })
+                    .unwrap();
+                    Planned::Zero { off, len }
+                }
+                82..=89 => {
+                    disk.submit(Request {
+                        tag,
+                        op: RequestOp::WriteZeroes {
+                            offset: off,
+                            len,
+                            unmap: rng.below(2) == 0,
+                        },
+                    })
+                    .unwrap();
+                    Planned::Zero { off, len }
+                }
+                _ => {
+                    disk.submit(Request {
+                        tag,
+                        op: RequestOp::Flush,
+                    })
+                    .unwrap();
+                    Planned::Flush
+                }
+            };
+            if !matches!(p, Planned::Flush) {
+                busy.push((off, off + len, writes));
+            }
+            planned.push((tag, p));
+        }
+        let done = wait_all(&mut disk, planned.len());
+        for (t, r) in &done {
+            let (_, p) = planned.iter().find(|(pt, _)| pt == t).expect("known tag");
+            let n = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{cache}/{aio} round {round}: {e}"));
+            match p {
+                Planned::Read { off, len, addr } => {
+                    assert_eq!(*n as u64, *len);
+                    let mut got = vec![0u8; *len as usize];
+                    mem.read_slice(&mut got, GuestAddress(*addr)).unwrap();
+                    let want = &model[*off as usize..(*off + *len) as usize];
+                    assert!(
+                        got == want,
+                        "{cache}/{aio} round {round}: read [{off}, +{len}) differs from the model"
+                    );
+                }
+                Planned::Write { data, .. } => assert_eq!(*n, data.len()),
+                _ => {}
+            }
+        }
+        for (_, p) in planned {
+            match p {
+                Planned::Write { off, data } => {
+                    model[off as usize..off as usize + data.len()].copy_from_slice(&data)
+                }
+                Planned::Zero { off, len } => model[off as usize..(off + len) as usize].fill(0),
+                _ => {}
+            }
+        }
+    }
+    assert!(disk.ranges.is_idle());
+    drop(disk);
+    let on_disk = std::fs::read(&path).unwrap();
+    assert!(
+        on_disk == model,
+        "{cache}/{aio}: final image differs from the model"
+    );
+}
+
+#[test]
+fn model_all_cache_modes_and_engines() {
+    for (i, cache) in CacheMode::ALL.iter().enumerate() {
+        for (j, aio) in ENGINES.iter().enumerate() {
+            model_test(*cache, *aio, 1 + (i * 10 + j) as u64, 60);
+        }
+    }
+}
+
+#[test]
+fn direct_io_detects_alignment_and_bounces() {
+    let dir = TempDir::new("align");
+    let path = make_image(&dir, DISK_SIZE);
+    let disk = open_disk(&opts(&path, CacheMode::None, AioMode::Threads)).unwrap();
+    let a = disk.request_alignment();
+    eprintln!(
+        "O_DIRECT request alignment detected: {a}, memory alignment {}",
+        disk.mem_align
+    );
+    assert!(a.is_power_of_two() && a >= 512, "alignment {a}");
+    assert!(u64::from(disk.physical_block_size()) >= a);
+    assert_eq!(disk.logical_block_size(), 512);
+    let buffered = open_disk(&DiskOptions {
+        readonly: true,
+        locking: false,
+        ..opts(&path, CacheMode::Writeback, AioMode::Threads)
+    })
+    .unwrap();
+    assert_eq!(buffered.request_alignment(), 1);
+}
+
+#[test]
+fn requests_past_the_end_are_handed_back() {
+    let dir = TempDir::new("range");
+    let path = make_image(&dir, DISK_SIZE);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    for aio in ENGINES {
+        let mut disk = open_disk(&opts(&path, CacheMode::Writeback, aio)).unwrap();
+        let sg = SgList::from_guest(&mem, &[(GuestAddress(0), 1024)]).unwrap();
+        let err = disk
+            .submit(Request {
+                tag: 1,
+                op: RequestOp::Read {
+                    offset: DISK_SIZE - 512,
+                    buf: sg,
+                },
+            })
+            .unwrap_err();
+        assert!(matches!(err.error, BlockError::OutOfRange { .. }), "{err}");
+        assert_eq!(err.request.tag, 1);
+        let huge = disk.submit(Request {
+            tag: 2,
+            op: RequestOp::Discard {
+                offset: u64::MAX - 10,
+                len: 100,
+            },
+        });
+        assert!(matches!(
+            huge.unwrap_err().error,
+            BlockError::OutOfRange { .. }
+        ));
+        // The last byte is fine.
+        let sg = SgList::from_guest(&mem, &[(GuestAddress(0), 1)]).unwrap();
+        assert_eq!(
+            run(
+                &mut disk,
+                RequestOp::Read {
+                    offset: DISK_SIZE - 1,
+                    buf: sg
+                }
+            )
+            .unwrap(),
+            1
+        );
+        assert_eq!(disk.in_flight(), 0);
+    }
+}
+
+#[test]
+fn read_only_disks_refuse_writes_and_share() {
+    let dir = TempDir::new("ro");
+    let path = make_image(&dir, DISK_SIZE);
+    let ro = DiskOptions {
+        readonly: true,
+        ..opts(&path, CacheMode::Writeback, AioMode::Threads)
+    };
+    let mut a = open_disk(&ro).unwrap();
+    let _b = open_disk(&ro).unwrap();
+    let err = a
+        .submit(Request {
+            tag: 1,
+            op: RequestOp::WriteZeroes {
+                offset: 0,
+                len: 512,
+                unmap: false,
+            },
+        })
+        .unwrap_err();
+    assert!(matches!(err.error, BlockError::ReadOnly));
+    // A writer is refused while readers hold the image.
+    let w = open_disk(&opts(&path, CacheMode::Writeback, AioMode::Threads));
+    assert!(matches!(w, Err(BlockError::Locked { .. })));
+}
+
+#[test]
+fn two_writers_are_refused() {
+    let dir = TempDir::new("lock");
+    let path = make_image(&dir, DISK_SIZE);
+    let _a = open_disk(&opts(&path, CacheMode::None, AioMode::IoUring)).unwrap();
+    let b = open_disk(&opts(&path, CacheMode::Writeback, AioMode::Threads));
+    let err = b.unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }));
+    assert!(err.to_string().contains("write"), "{err}");
+}
+
+#[test]
+fn wce_follows_cache_mode_and_toggles() {
+    let dir = TempDir::new("wce");
+    let path = make_image(&dir, DISK_SIZE);
+    for cache in CacheMode::ALL {
+        let mut d = open_disk(&opts(&path, *cache, AioMode::Threads)).unwrap();
+        assert_eq!(d.wce(), cache.initial_wce(), "{cache}");
+        d.set_wce(!d.wce());
+        assert_eq!(d.wce(), !cache.initial_wce());
+        assert_eq!(run(&mut d, RequestOp::Flush).unwrap(), 0);
+    }
+}
+
+#[test]
+fn native_aio_is_refused_clearly() {
+    let dir = TempDir::new("native");
+    let path = make_image(&dir, DISK_SIZE);
+    let e = open_disk(&opts(&path, CacheMode::Writeback, AioMode::Native)).unwrap_err();
+    assert!(matches!(e, BlockError::NativeAioNeedsDirect));
+    assert!(e.to_string().contains("cache=none"));
+    let e = open_disk(&opts(&path, CacheMode::None, AioMode::Native)).unwrap_err();
+    assert!(matches!(e, BlockError::NativeAioNotImplemented));
+}
+
+#[test]
+fn qcow2_and_probing() {
+    let dir = TempDir::new("probe");
+    let q = dir.path().join("a.qcow2");
+    crate::img::create(&q, Format::Qcow2, 1 << 20, &Default::default()).unwrap();
+    let e = open_disk(&DiskOptions::new(&q)).unwrap_err();
+    assert!(matches!(e, BlockError::Qcow2IoNotImplemented { .. }), "{e}");
+    let r = make_image(&dir, 4096);
+    let d = open_disk(&DiskOptions::new(&r)).unwrap();
+    assert_eq!((d.format(), d.size()), (Format::Raw, 4096));
+}
+
+#[test]
+fn discard_punches_holes() {
+    let dir = TempDir::new("discard");
+    let path = dir.path().join("full.raw");
+    crate::img::create(
+        &path,
+        Format::Raw,
+        4 << 20,
+        &crate::CreateOptions {
+            preallocation: crate::Preallocation::Full,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before = std::fs::metadata(&path).unwrap().blocks();
+    let mut d = open_disk(&opts(&path, CacheMode::Writeback, AioMode::IoUring)).unwrap();
+    assert!(d.supports_discard());
+    run(
+        &mut d,
+        RequestOp::Discard {
+            offset: 0,
+            len: 2 << 20,
+        },
+    )
+    .unwrap();
+    run(
+        &mut d,
+        RequestOp::WriteZeroes {
+            offset: 2 << 20,
+            len: 1 << 20,
+            unmap: true,
+        },
+    )
+    .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let after = std::fs::metadata(&path).unwrap().blocks();
+    assert!(
+        after * 512 <= (before * 512) - (3 << 20),
+        "{before} -> {after} blocks"
+    );
+}
+
+/// Child half of the durability test: write, flush, report, then wait to be killed.
+#[test]
+#[ignore = "run by durability_after_sigkill as a child process"]
+fn durability_child() {
+    let Some(path) = std::env::var_os("PLATTER_DURABILITY_IMAGE") else {
+        return;
+    };
+    let mut d = open_disk(&opts(Path::new(&path), CacheMode::None, AioMode::IoUring)).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    mem.write_slice(&data, GuestAddress(3)).unwrap();
+    let sg = SgList::from_guest(&mem, &[(GuestAddress(3), data.len())]).unwrap();
+    run(
+        &mut d,
+        RequestOp::Write {
+            offset: 1000,
+            buf: sg,
+        },
+    )
+    .unwrap();
+    run(&mut d, RequestOp::Flush).unwrap();
+    println!("FLUSHED");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn durability_after_sigkill() {
+    let dir = TempDir::new("durable");
+    let path = make_image(&dir, DISK_SIZE);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "disk::tests::durability_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("PLATTER_DURABILITY_IMAGE", &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut flushed = false;
+    for line in out.lines() {
+        if line.unwrap().contains("FLUSHED") {
+            flushed = true;
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(flushed, "child never reported its flush");
+    // The lock died with the child; the data is there.
+    let mut d = open_disk(&opts(&path, CacheMode::Directsync, AioMode::Threads)).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let sg = SgList::from_guest(&mem, &[(GuestAddress(0), 300_000)]).unwrap();
+    run(
+        &mut d,
+        RequestOp::Read {
+            offset: 1000,
+            buf: sg,
+        },
+    )
+    .unwrap();
+    let mut got = vec![0u8; 300_000];
+    mem.read_slice(&mut got, GuestAddress(0)).unwrap();
+    let want: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    assert!(got == want);
+}

@@ -1,0 +1,177 @@
+//! `aio=io_uring`: one ring per disk, completions announced through a registered eventfd.
+//!
+//! Operations beyond the ring's capacity wait in a local queue and enter the ring as earlier
+//! ones complete, so the completion queue can never overflow.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Engine, EngineCompletion, EngineOp, OpKind};
+use crate::options::AioMode;
+use crate::BlockError;
+
+/// The io_uring engine.
+pub struct UringEngine {
+    ring: IoUring,
+    /// Operations in the ring, keyed by user_data; kept so their iovec arrays stay alive.
+    inflight: HashMap<u64, EngineOp>,
+    next_key: u64,
+    capacity: usize,
+    waiting: VecDeque<EngineOp>,
+    done: VecDeque<EngineCompletion>,
+    _evt: EventFd,
+}
+
+impl UringEngine {
+    /// Set up a ring of `entries` submission slots that signals `evt`.
+    pub fn new(evt: EventFd, entries: u32) -> Result<UringEngine, BlockError> {
+        let ring = IoUring::new(entries.max(8)).map_err(BlockError::IoUringSetup)?;
+        ring.submitter()
+            .register_eventfd(evt.as_raw_fd())
+            .map_err(BlockError::IoUringSetup)?;
+        let capacity = ring.params().sq_entries() as usize;
+        Ok(UringEngine {
+            ring,
+            inflight: HashMap::new(),
+            next_key: 0,
+            capacity,
+            waiting: VecDeque::new(),
+            done: VecDeque::new(),
+            _evt: evt,
+        })
+    }
+
+    fn entry(op: &EngineOp) -> squeue::Entry {
+        let fd = types::Fd(op.fd);
+        match &op.kind {
+            OpKind::Read { offset, iovecs } => {
+                let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize) as u32;
+                opcode::Readv::new(fd, iovecs.0.as_ptr(), cnt)
+                    .offset(*offset)
+                    .build()
+            }
+            OpKind::Write {
+                offset,
+                iovecs,
+                dsync,
+            } => {
+                let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize) as u32;
+                opcode::Writev::new(fd, iovecs.0.as_ptr(), cnt)
+                    .offset(*offset)
+                    .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
+            OpKind::Fdatasync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            OpKind::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, *len)
+                .offset(*offset)
+                .mode(*mode)
+                .build(),
+        }
+    }
+
+    /// Put `op` in the ring and tell the kernel.
+    fn push(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
+        let key = self.next_key;
+        self.next_key = self.next_key.wrapping_add(1);
+        let entry = Self::entry(&op).user_data(key);
+        // SAFETY: the entry's iovec array and buffers stay valid until the completion is reaped:
+        // the array is owned by `op`, kept in `inflight` until then, and the buffers are kept by
+        // the submitter (module contract of `engine`).
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            // The ring is full of unsubmitted entries: hand them to the kernel and retry once.
+            if let Err(e) = self.ring.submit() {
+                return Err((BlockError::Submit(e), op));
+            }
+            // SAFETY: as above.
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                return Err((
+                    BlockError::Submit(std::io::Error::other("io_uring submission queue full")),
+                    op,
+                ));
+            }
+        }
+        self.inflight.insert(key, op);
+        if let Err(e) = self.ring.submit() {
+            // The entry stays in the queue and goes in with the next successful submit.
+            log::warn!("io_uring submit failed, will retry: {e}");
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self) {
+        for cqe in self.ring.completion() {
+            if let Some(op) = self.inflight.remove(&cqe.user_data()) {
+                let res = cqe.result();
+                let result = if res < 0 {
+                    Err(std::io::Error::from_raw_os_error(-res))
+                } else {
+                    Ok(res as usize)
+                };
+                self.done.push_back(EngineCompletion { id: op.id, result });
+            }
+        }
+        while self.inflight.len() < self.capacity {
+            let Some(op) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Err((e, op)) = self.push(op) {
+                self.done.push_back(EngineCompletion {
+                    id: op.id,
+                    result: Err(std::io::Error::other(e.to_string())),
+                });
+            }
+        }
+    }
+}
+
+impl Engine for UringEngine {
+    fn mode(&self) -> AioMode {
+        AioMode::IoUring
+    }
+
+    fn submit(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
+        if self.inflight.len() >= self.capacity {
+            self.waiting.push_back(op);
+            return Ok(());
+        }
+        self.push(op)
+    }
+
+    fn pop_completion(&mut self) -> Option<EngineCompletion> {
+        if self.done.is_empty() {
+            self.reap();
+        }
+        self.done.pop_front()
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.waiting.clear();
+        // Buffers of operations in the ring must not be freed before the kernel is done.
+        while !self.inflight.is_empty() {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Leaking is the only safe choice left: the kernel may still write.
+                    log::error!(
+                        "io_uring: cannot wait for {} operations: {e}",
+                        self.inflight.len()
+                    );
+                    std::mem::forget(std::mem::take(&mut self.inflight));
+                    break;
+                }
+            }
+            for cqe in self.ring.completion() {
+                self.inflight.remove(&cqe.user_data());
+            }
+        }
+    }
+}

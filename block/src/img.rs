@@ -1,0 +1,627 @@
+//! `platter img create` and `platter img info`: image creation and inspection that
+//! interoperate with QEMU's tools.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::options::Format;
+use crate::qcow2::{self, Qcow2CreateParams, Qcow2Header, QCOW2_MAGIC};
+use crate::BlockError;
+
+/// Deepest backing chain `info` follows (and, later, `open_disk` accepts).
+pub const MAX_BACKING_CHAIN: usize = 16;
+
+/// `-o preallocation=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Sparse.
+    #[default]
+    Off,
+    /// qcow2 only: metadata allocated up front (not implemented yet).
+    Metadata,
+    /// Space reserved with fallocate.
+    Falloc,
+    /// Every byte written.
+    Full,
+}
+
+impl FromStr for Preallocation {
+    type Err = BlockError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => {
+                return Err(BlockError::CreateOptions(format!(
+                    "preallocation {s:?}: expected off|metadata|falloc|full"
+                )))
+            }
+        })
+    }
+}
+
+/// `-o` options of `img create`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CreateOptions {
+    /// preallocation=
+    pub preallocation: Preallocation,
+    /// cluster_size= (qcow2; default 64 KiB)
+    pub cluster_size: Option<u64>,
+    /// backing_file= (qcow2)
+    pub backing_file: Option<String>,
+    /// backing_fmt= (qcow2)
+    pub backing_format: Option<Format>,
+}
+
+impl CreateOptions {
+    /// Parse a `-o` string: `key=value[,key=value...]`. Sizes accept k/M/G suffixes.
+    pub fn parse(s: &str) -> Result<CreateOptions, BlockError> {
+        let mut o = CreateOptions::default();
+        for kv in s.split(',').filter(|x| !x.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| BlockError::CreateOptions(format!("{kv:?} is not key=value")))?;
+            match k {
+                "preallocation" => o.preallocation = v.parse()?,
+                "cluster_size" => o.cluster_size = Some(parse_size(v)?),
+                "backing_file" => o.backing_file = Some(v.to_string()),
+                "backing_fmt" => {
+                    o.backing_format = Some(
+                        v.parse()
+                            .map_err(|e: crate::ParseOptionError| BlockError::CreateOptions(e.to_string()))?,
+                    )
+                }
+                _ => {
+                    return Err(BlockError::CreateOptions(format!(
+                        "unknown option {k:?}; known: preallocation, cluster_size, backing_file, backing_fmt"
+                    )))
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Parse `1G`, `512M`, `64k`, `4096` (binary units, like qemu-img).
+pub fn parse_size(s: &str) -> Result<u64, BlockError> {
+    let bad = || {
+        BlockError::CreateOptions(format!(
+            "size {s:?}: expected a number with optional k/M/G/T suffix"
+        ))
+    };
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'b' => 0,
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                'p' => 50,
+                _ => return Err(bad()),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Create an image of `size` bytes. Like qemu-img, an existing file is truncated; the CLI
+/// asks before overwriting.
+pub fn create(
+    path: &Path,
+    format: Format,
+    size: u64,
+    opts: &CreateOptions,
+) -> Result<(), BlockError> {
+    let io = |source| BlockError::ImageIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io)?;
+    match format {
+        Format::Raw => {
+            if opts.backing_file.is_some() || opts.backing_format.is_some() {
+                return Err(BlockError::CreateOptions(
+                    "raw images have no backing file".into(),
+                ));
+            }
+            if opts.cluster_size.is_some() {
+                return Err(BlockError::CreateOptions(
+                    "raw images have no cluster size".into(),
+                ));
+            }
+            file.set_len(size).map_err(io)?;
+            match opts.preallocation {
+                Preallocation::Off => {}
+                Preallocation::Metadata => {
+                    return Err(BlockError::CreateOptions(
+                        "preallocation=metadata is for qcow2; raw accepts off|falloc|full".into(),
+                    ))
+                }
+                Preallocation::Falloc => fallocate(&file, size).map_err(io)?,
+                Preallocation::Full => write_zeroes(&file, 0, size).map_err(io)?,
+            }
+            file.sync_all().map_err(io)?;
+        }
+        Format::Qcow2 => {
+            if opts.preallocation != Preallocation::Off {
+                return Err(BlockError::CreateOptions(
+                    "qcow2 preallocation other than off is not implemented yet".into(),
+                ));
+            }
+            if opts.backing_format.is_some() && opts.backing_file.is_none() {
+                return Err(BlockError::CreateOptions(
+                    "backing_fmt without backing_file".into(),
+                ));
+            }
+            if let Some(b) = &opts.backing_file {
+                let bp = qcow2::resolve_backing(path, b);
+                if !bp.exists() {
+                    return Err(BlockError::CreateOptions(format!(
+                        "backing file {} does not exist",
+                        bp.display()
+                    )));
+                }
+            }
+            qcow2::create(
+                &mut file,
+                path,
+                &Qcow2CreateParams {
+                    size,
+                    cluster_size: opts.cluster_size.unwrap_or(qcow2::DEFAULT_CLUSTER_SIZE),
+                    backing_file: opts.backing_file.clone(),
+                    backing_format: opts.backing_format.map(|f| f.to_string()),
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn fallocate(file: &File, len: u64) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe { libc::fallocate64(file.as_raw_fd(), 0, 0, len as i64) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn write_zeroes(file: &File, mut at: u64, len: u64) -> std::io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK as usize];
+    let end = at + len;
+    while at < end {
+        let n = (end - at).min(CHUNK) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Detect the format of the image at `path` by magic; anything unknown is raw.
+pub fn probe_format(path: &Path) -> Result<Format, BlockError> {
+    let mut f = File::open(path).map_err(|source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match f.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(BlockError::ImageIo {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(if got == 4 && u32::from_be_bytes(magic) == QCOW2_MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// What `img info` reports about one image (and its backing chain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The image as named.
+    pub path: PathBuf,
+    /// Detected format.
+    pub format: Format,
+    /// Guest-visible size.
+    pub virtual_size: u64,
+    /// Host space used (st_blocks * 512).
+    pub allocated_size: u64,
+    /// qcow2: cluster size.
+    pub cluster_size: Option<u64>,
+    /// qcow2: header version (2 → compat 0.10, 3 → compat 1.1).
+    pub qcow2_version: Option<u32>,
+    /// qcow2 v3: refcount width in bits.
+    pub refcount_bits: Option<u32>,
+    /// qcow2: image marked corrupt.
+    pub corrupt: bool,
+    /// Backing file name as stored in the image.
+    pub backing_file: Option<String>,
+    /// Backing format as stored in the image.
+    pub backing_format: Option<String>,
+    /// The backing images, nearest first.
+    pub backing_chain: Vec<ImageInfo>,
+}
+
+/// Inspect the image at `path`, following its backing chain (at most [`MAX_BACKING_CHAIN`]).
+pub fn info(path: &Path) -> Result<ImageInfo, BlockError> {
+    let mut top = info_one(path)?;
+    let mut chain = Vec::new();
+    let mut seen = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
+    let mut cur = top.clone();
+    while let Some(b) = cur.backing_file.clone() {
+        if chain.len() >= MAX_BACKING_CHAIN {
+            return Err(BlockError::ChainTooDeep {
+                path: path.to_path_buf(),
+                limit: MAX_BACKING_CHAIN,
+            });
+        }
+        let bp = qcow2::resolve_backing(&cur.path, &b);
+        let canon = std::fs::canonicalize(&bp).unwrap_or_else(|_| bp.clone());
+        if seen.contains(&canon) {
+            return Err(BlockError::ChainTooDeep {
+                path: path.to_path_buf(),
+                limit: MAX_BACKING_CHAIN,
+            });
+        }
+        seen.push(canon);
+        let next = info_one(&bp)?;
+        chain.push(next.clone());
+        cur = next;
+    }
+    top.backing_chain = chain;
+    Ok(top)
+}
+
+fn info_one(path: &Path) -> Result<ImageInfo, BlockError> {
+    let format = probe_format(path)?;
+    let meta = std::fs::metadata(path).map_err(|source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut info = ImageInfo {
+        path: path.to_path_buf(),
+        format,
+        virtual_size: meta.len(),
+        allocated_size: meta.blocks() * 512,
+        cluster_size: None,
+        qcow2_version: None,
+        refcount_bits: None,
+        corrupt: false,
+        backing_file: None,
+        backing_format: None,
+        backing_chain: Vec::new(),
+    };
+    if format == Format::Qcow2 {
+        let h = Qcow2Header::read_path(path)?;
+        info.virtual_size = h.size;
+        info.cluster_size = Some(h.cluster_size());
+        info.qcow2_version = Some(h.version);
+        info.refcount_bits = Some(1 << h.refcount_order);
+        info.corrupt = h.is_corrupt();
+        info.backing_file = h.backing_file;
+        info.backing_format = h.backing_format;
+    }
+    Ok(info)
+}
+
+/// `1 GiB`, `196 KiB`, `512 B`, the way qemu-img prints sizes.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s} {}", UNITS[u])
+}
+
+impl fmt::Display for ImageInfo {
+    /// Like `qemu-img info --backing-chain`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "image: {}", self.path.display())?;
+        writeln!(f, "file format: {}", self.format)?;
+        writeln!(
+            f,
+            "virtual size: {} ({} bytes)",
+            human_size(self.virtual_size),
+            self.virtual_size
+        )?;
+        writeln!(f, "disk size: {}", human_size(self.allocated_size))?;
+        if let Some(c) = self.cluster_size {
+            writeln!(f, "cluster_size: {c}")?;
+        }
+        if let Some(b) = &self.backing_file {
+            let resolved = qcow2::resolve_backing(&self.path, b);
+            if Path::new(b).is_absolute() {
+                writeln!(f, "backing file: {b}")?;
+            } else {
+                writeln!(f, "backing file: {b} (actual path: {})", resolved.display())?;
+            }
+        }
+        if let Some(bf) = &self.backing_format {
+            writeln!(f, "backing file format: {bf}")?;
+        }
+        if let Some(v) = self.qcow2_version {
+            writeln!(f, "Format specific information:")?;
+            writeln!(f, "    compat: {}", if v == 2 { "0.10" } else { "1.1" })?;
+            if let Some(r) = self.refcount_bits {
+                writeln!(f, "    refcount bits: {r}")?;
+            }
+            writeln!(f, "    corrupt: {}", self.corrupt)?;
+        }
+        for b in &self.backing_chain {
+            writeln!(f)?;
+            let mut b = b.clone();
+            b.backing_chain.clear();
+            write!(f, "{b}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{qemu_img, TempDir};
+    use std::process::Command;
+
+    #[test]
+    fn sizes_parse_and_print_like_qemu_img() {
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(200704), "196 KiB");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(100), "100 B");
+    }
+
+    #[test]
+    fn create_options_parse_and_reject() {
+        let o = CreateOptions::parse(
+            "preallocation=falloc,cluster_size=128k,backing_file=b.img,backing_fmt=raw",
+        )
+        .unwrap();
+        assert_eq!(o.preallocation, Preallocation::Falloc);
+        assert_eq!(o.cluster_size, Some(131072));
+        assert_eq!(o.backing_format, Some(Format::Raw));
+        assert!(CreateOptions::parse("preallocation=some").is_err());
+        assert!(CreateOptions::parse("compression=zstd").is_err());
+        assert!(CreateOptions::parse("backing_fmt=vmdk").is_err());
+        assert!(CreateOptions::parse("cluster_size").is_err());
+    }
+
+    #[test]
+    fn raw_create_and_info() {
+        let d = TempDir::new("img");
+        let sparse = d.path().join("s.raw");
+        create(&sparse, Format::Raw, 64 << 20, &CreateOptions::default()).unwrap();
+        let i = info(&sparse).unwrap();
+        assert_eq!((i.format, i.virtual_size), (Format::Raw, 64 << 20));
+        assert!(
+            i.allocated_size < 1 << 20,
+            "sparse image allocated {}",
+            i.allocated_size
+        );
+        let full = d.path().join("f.raw");
+        let o = CreateOptions {
+            preallocation: Preallocation::Full,
+            ..Default::default()
+        };
+        create(&full, Format::Raw, 4 << 20, &o).unwrap();
+        assert!(info(&full).unwrap().allocated_size >= 4 << 20);
+        let fa = d.path().join("fa.raw");
+        let o = CreateOptions {
+            preallocation: Preallocation::Falloc,
+            ..Default::default()
+        };
+        create(&fa, Format::Raw, 4 << 20, &o).unwrap();
+        assert!(info(&fa).unwrap().allocated_size >= 4 << 20);
+        let o = CreateOptions {
+            preallocation: Preallocation::Metadata,
+            ..Default::default()
+        };
+        assert!(create(&fa, Format::Raw, 4 << 20, &o).is_err());
+    }
+
+    #[test]
+    fn qcow2_chain_info() {
+        let d = TempDir::new("img");
+        let base = d.path().join("base.raw");
+        create(&base, Format::Raw, 1 << 20, &CreateOptions::default()).unwrap();
+        let top = d.path().join("top.qcow2");
+        let o = CreateOptions {
+            backing_file: Some("base.raw".into()),
+            backing_format: Some(Format::Raw),
+            cluster_size: Some(4096),
+            ..Default::default()
+        };
+        create(&top, Format::Qcow2, 1 << 20, &o).unwrap();
+        let i = info(&top).unwrap();
+        assert_eq!(i.format, Format::Qcow2);
+        assert_eq!(i.cluster_size, Some(4096));
+        assert_eq!(i.backing_chain.len(), 1);
+        assert_eq!(i.backing_chain[0].format, Format::Raw);
+        let text = i.to_string();
+        assert!(
+            text.contains("virtual size: 1 MiB (1048576 bytes)"),
+            "{text}"
+        );
+        assert!(text.contains("backing file format: raw"), "{text}");
+        // A loop: the image names itself.
+        let looped = d.path().join("loop.qcow2");
+        let o = CreateOptions {
+            backing_file: Some("base.raw".into()),
+            ..Default::default()
+        };
+        create(&looped, Format::Qcow2, 1 << 20, &o).unwrap();
+        let mut b = std::fs::read(&looped).unwrap();
+        let off = u64::from_be_bytes(b[8..16].try_into().unwrap()) as usize;
+        b[off..off + 8].copy_from_slice(b"loop.qco");
+        b[16..20].copy_from_slice(&8u32.to_be_bytes());
+        std::fs::write(d.path().join("loop.qco"), &b).unwrap();
+        assert!(matches!(
+            info(&d.path().join("loop.qco")),
+            Err(BlockError::ChainTooDeep { .. })
+        ));
+        assert!(create(
+            &d.path().join("x"),
+            Format::Qcow2,
+            1 << 20,
+            &CreateOptions {
+                backing_file: Some("missing".into()),
+                ..Default::default()
+            }
+        )
+        .is_err());
+    }
+
+    fn qemu_json(qemu_img: &Path, args: &[&str], path: &Path) -> String {
+        let out = Command::new(qemu_img)
+            .args(args)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "qemu-img {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn qemu_img_accepts_our_images() {
+        let Some(q) = qemu_img() else { return };
+        let d = TempDir::new("interop");
+        let base = d.path().join("base.raw");
+        create(&base, Format::Raw, 8 << 20, &CreateOptions::default()).unwrap();
+        for (cluster, size) in [
+            (65536u64, 10u64 << 30),
+            (512, 64 << 20),
+            (2 << 20, 3 << 30),
+            (4096, 12345 * 512),
+        ] {
+            let p = d.path().join(format!("c{cluster}.qcow2"));
+            let o = CreateOptions {
+                cluster_size: Some(cluster),
+                backing_file: Some("base.raw".into()),
+                backing_format: Some(Format::Raw),
+                ..Default::default()
+            };
+            create(&p, Format::Qcow2, size, &o).unwrap();
+            qemu_json(&q, &["check", "-f", "qcow2"], &p);
+            let j = qemu_json(&q, &["info", "--output=json", "-f", "qcow2"], &p);
+            assert!(j.contains(&format!("\"virtual-size\": {size}")), "{j}");
+            assert!(j.contains(&format!("\"cluster-size\": {cluster}")), "{j}");
+            assert!(j.contains("\"backing-filename\": \"base.raw\""), "{j}");
+            assert!(j.contains("\"backing-filename-format\": \"raw\""), "{j}");
+            // qemu-io writes through our image; check again.
+            let out = Command::new(&q)
+                .args(["amend", "-f", "qcow2", "-o", "lazy_refcounts=on"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            qemu_json(&q, &["check", "-f", "qcow2"], &p);
+        }
+    }
+
+    #[test]
+    fn we_read_qemu_img_images() {
+        let Some(q) = qemu_img() else { return };
+        let d = TempDir::new("interop");
+        let base = d.path().join("base.qcow2");
+        let run = |args: &[&str]| {
+            let out = Command::new(&q).args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let b = base.to_str().unwrap();
+        run(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=4096",
+            b,
+            "100M",
+        ]);
+        let top = d.path().join("top.qcow2");
+        let t = top.to_str().unwrap();
+        run(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            t,
+            "200M",
+        ]);
+        let raw = d.path().join("r.img");
+        run(&["create", "-f", "raw", raw.to_str().unwrap(), "3M"]);
+        let i = info(&top).unwrap();
+        assert_eq!(i.virtual_size, 200 << 20);
+        assert_eq!(i.qcow2_version, Some(3));
+        assert_eq!(i.cluster_size, Some(65536));
+        assert_eq!(i.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(i.backing_format.as_deref(), Some("qcow2"));
+        let bi = &i.backing_chain[0];
+        assert_eq!(
+            (bi.qcow2_version, bi.cluster_size, bi.virtual_size),
+            (Some(2), Some(4096), 100 << 20)
+        );
+        let st = std::fs::metadata(&top).unwrap();
+        assert_eq!(i.allocated_size, st.blocks() * 512);
+        let ri = info(&raw).unwrap();
+        assert_eq!((ri.format, ri.virtual_size), (Format::Raw, 3 << 20));
+    }
+}

@@ -1,0 +1,136 @@
+//! Raw images: a regular file (sparse or not) or a block device; guest byte `x` is host byte
+//! `x`. Discard punches holes (FALLOC_FL_PUNCH_HOLE); write-zeroes uses FALLOC_FL_ZERO_RANGE
+//! (for block devices the kernel turns these into BLKDISCARD-like zeroing and BLKZEROOUT).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+
+use crate::format::FormatDriver;
+use crate::options::Format;
+
+// <linux/fs.h>: _IO(0x12, 104), _IO(0x12, 123), _IOR(0x12, 114, size_t)
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Default logical block size reported to guests for regular files.
+pub const DEFAULT_LOGICAL_BLOCK_SIZE: u32 = 512;
+
+/// A raw image.
+#[derive(Debug)]
+pub struct RawDriver {
+    file: File,
+    size: u64,
+    block_device: bool,
+    logical: u32,
+    physical: u32,
+}
+
+fn ioctl_int(fd: RawFd, req: libc::c_ulong) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: these ioctls write one int to the pointer, which is valid for the call.
+    let r = unsafe { libc::ioctl(fd, req as _, &mut v as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v as u32)
+}
+
+impl RawDriver {
+    /// Wrap an open image file or block device; `request_align` is the O_DIRECT alignment (1
+    /// without O_DIRECT), reported as the physical block size so guests align their I/O.
+    pub fn new(file: File, request_align: usize) -> io::Result<RawDriver> {
+        let meta = file.metadata()?;
+        let block_device = meta.file_type().is_block_device();
+        let fd = file.as_raw_fd();
+        let (size, logical, physical) = if block_device {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, valid for the call.
+            let r = unsafe { libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let logical = ioctl_int(fd, BLKSSZGET).unwrap_or(DEFAULT_LOGICAL_BLOCK_SIZE);
+            let physical = ioctl_int(fd, BLKPBSZGET).unwrap_or(logical);
+            (size, logical, physical.max(logical))
+        } else {
+            let logical = DEFAULT_LOGICAL_BLOCK_SIZE;
+            let physical = (request_align as u32).max(logical);
+            (meta.len(), logical, physical)
+        };
+        Ok(RawDriver {
+            file,
+            size,
+            block_device,
+            logical,
+            physical,
+        })
+    }
+
+    /// Whether the image is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+}
+
+impl FormatDriver for RawDriver {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn data_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+    fn host_offset(&self, offset: u64) -> u64 {
+        offset
+    }
+    fn logical_block_size(&self) -> u32 {
+        self.logical
+    }
+    fn physical_block_size(&self) -> u32 {
+        self.physical
+    }
+    fn supports_discard(&self) -> bool {
+        true
+    }
+}
+
+/// O_DIRECT alignment of `file`: (file offset and length alignment, memory alignment).
+///
+/// Asks the kernel first (statx STATX_DIOALIGN, Linux 6.1+), then the block device's logical
+/// block size, then falls back to 4096, which satisfies every common setup.
+pub fn direct_io_alignment(file: &File) -> (usize, usize) {
+    const FALLBACK: usize = 4096;
+    // SAFETY: statx is plain data; zeroed is valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, empty NUL-terminated path with AT_EMPTY_PATH, valid out pointer.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r == 0
+        && stx.stx_mask & libc::STATX_DIOALIGN != 0
+        && stx.stx_dio_offset_align != 0
+        && stx.stx_dio_mem_align != 0
+    {
+        return (
+            stx.stx_dio_offset_align as usize,
+            stx.stx_dio_mem_align as usize,
+        );
+    }
+    if let Ok(sz) = ioctl_int(file.as_raw_fd(), BLKSSZGET) {
+        if sz.is_power_of_two() {
+            return (sz as usize, sz as usize);
+        }
+    }
+    (FALLBACK, FALLBACK)
+}

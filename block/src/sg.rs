@@ -1,0 +1,285 @@
+//! Scatter-gather lists: guest memory resolved to host slices, and aligned bounce buffers.
+//!
+//! A request's [`SgList`] holds raw host pointers. They stay valid because the list also holds
+//! a clone of the guest memory map (an `Arc` per region), so the mapping outlives the request.
+
+use std::alloc::{self, Layout};
+use std::any::Any;
+use std::ptr::NonNull;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::BlockError;
+
+/// One host memory segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoVec {
+    /// Start of the segment in this process.
+    pub base: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl IoVec {
+    pub(crate) fn to_libc(self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.base.cast(),
+            iov_len: self.len,
+        }
+    }
+}
+
+/// A scatter-gather list of host segments plus whatever keeps them mapped.
+pub struct SgList {
+    iovecs: Vec<IoVec>,
+    len: usize,
+    _keepalive: Option<Box<dyn Any + Send>>,
+}
+
+impl std::fmt::Debug for SgList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SgList")
+            .field("iovecs", &self.iovecs)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+// SAFETY: the pointers refer to guest memory (kept mapped by `_keepalive`) or to memory the
+// creator of `from_raw` promised stays valid; the block layer only touches them from one engine
+// operation at a time per byte, as a DMA engine would.
+unsafe impl Send for SgList {}
+
+impl SgList {
+    /// Resolve guest physical segments `(address, length)` to host slices. A segment that
+    /// crosses a region boundary becomes several host segments.
+    pub fn from_guest(
+        mem: &GuestMemoryMmap,
+        segments: &[(GuestAddress, usize)],
+    ) -> Result<SgList, BlockError> {
+        let mut iovecs = Vec::with_capacity(segments.len());
+        let mut len = 0usize;
+        for &(addr, seg_len) in segments {
+            let bad = || BlockError::GuestMemory {
+                addr: addr.0,
+                len: seg_len,
+            };
+            let mut got = 0usize;
+            for slice in mem.get_slices(addr, seg_len) {
+                let slice = slice.map_err(|_| bad())?;
+                let guard = slice.ptr_guard_mut();
+                iovecs.push(IoVec {
+                    base: guard.as_ptr(),
+                    len: slice.len(),
+                });
+                got += slice.len();
+            }
+            if got != seg_len {
+                return Err(bad());
+            }
+            len = len.checked_add(seg_len).ok_or_else(bad)?;
+        }
+        Ok(SgList {
+            iovecs,
+            len,
+            _keepalive: Some(Box::new(mem.clone())),
+        })
+    }
+
+    /// Build a list from raw host segments.
+    ///
+    /// # Safety
+    /// Every segment must be valid for reads and writes for its whole length until the request
+    /// that carries this list has completed (or been handed back), and nothing else may access
+    /// it meanwhile. `keepalive` is dropped with the list and may own the memory.
+    pub unsafe fn from_raw(iovecs: Vec<IoVec>, keepalive: Option<Box<dyn Any + Send>>) -> SgList {
+        let len = iovecs.iter().map(|v| v.len).sum();
+        SgList {
+            iovecs,
+            len,
+            _keepalive: keepalive,
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the list has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The host segments.
+    pub fn iovecs(&self) -> &[IoVec] {
+        &self.iovecs
+    }
+
+    /// Whether O_DIRECT can use these segments as they are.
+    pub(crate) fn is_aligned(&self, mem_align: usize, len_align: usize) -> bool {
+        self.iovecs
+            .iter()
+            .all(|v| (v.base as usize) % mem_align == 0 && v.len % len_align == 0)
+    }
+
+    /// Copy `src` into the list starting at byte `at` of the list.
+    pub(crate) fn copy_from(&self, mut at: usize, mut src: &[u8]) {
+        for v in &self.iovecs {
+            if src.is_empty() {
+                break;
+            }
+            if at >= v.len {
+                at -= v.len;
+                continue;
+            }
+            let n = (v.len - at).min(src.len());
+            // SAFETY: [base+at, base+at+n) lies inside the segment, which `from_guest` /
+            // `from_raw` guarantee valid for writes while the request is in flight; `src` is a
+            // bounce buffer that cannot overlap guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), v.base.add(at), n) };
+            src = &src[n..];
+            at = 0;
+        }
+    }
+
+    /// Copy the list, starting at byte `at`, into `dst`.
+    pub(crate) fn copy_to(&self, mut at: usize, mut dst: &mut [u8]) {
+        for v in &self.iovecs {
+            if dst.is_empty() {
+                break;
+            }
+            if at >= v.len {
+                at -= v.len;
+                continue;
+            }
+            let n = (v.len - at).min(dst.len());
+            // SAFETY: as in `copy_from`, with the roles of source and destination swapped.
+            unsafe { std::ptr::copy_nonoverlapping(v.base.add(at), dst.as_mut_ptr(), n) };
+            dst = &mut dst[n..];
+            at = 0;
+        }
+    }
+
+    /// Zero the list from byte `at` to its end.
+    pub(crate) fn zero_from(&self, at: usize) {
+        let zeros = vec![0u8; self.len.saturating_sub(at)];
+        self.copy_from(at, &zeros);
+    }
+
+    /// The segments after the first `skip` bytes.
+    pub(crate) fn iovecs_after(&self, mut skip: usize) -> Vec<IoVec> {
+        let mut out = Vec::new();
+        for v in &self.iovecs {
+            if skip >= v.len {
+                skip -= v.len;
+                continue;
+            }
+            // SAFETY: skip < v.len, so the result points inside the same segment.
+            let base = unsafe { v.base.add(skip) };
+            out.push(IoVec {
+                base,
+                len: v.len - skip,
+            });
+            skip = 0;
+        }
+        out
+    }
+}
+
+/// A zero-initialised heap buffer aligned for O_DIRECT.
+pub(crate) struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    pub(crate) fn new(len: usize, align: usize) -> AlignedBuf {
+        let layout =
+            Layout::from_size_align(len.max(1), align.max(1)).expect("bounce buffer layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, layout }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub(crate) fn iovec(&self, at: usize, len: usize) -> IoVec {
+        assert!(at + len <= self.len());
+        IoVec {
+            // SAFETY: at + len <= allocation size.
+            base: unsafe { self.ptr.as_ptr().add(at) },
+            len,
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: the allocation is initialised (zeroed) and `layout.size()` bytes long.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn guest_segments_resolve_across_regions() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        let sg = SgList::from_guest(
+            &mem,
+            &[(GuestAddress(0xff0), 0x20), (GuestAddress(0x10), 4)],
+        )
+        .unwrap();
+        assert_eq!(sg.len(), 0x24);
+        assert_eq!(sg.iovecs().len(), 3);
+        let data: Vec<u8> = (0..0x24u8).collect();
+        sg.copy_from(0, &data);
+        let mut back = vec![0u8; 0x24];
+        sg.copy_to(0, &mut back);
+        assert_eq!(back, data);
+        let mut g = [0u8; 4];
+        mem.read_slice(&mut g, GuestAddress(0x10)).unwrap();
+        assert_eq!(g, [0x20, 0x21, 0x22, 0x23]);
+        assert_eq!(sg.iovecs_after(0x18)[0].len, 8);
+    }
+
+    #[test]
+    fn unmapped_guest_segment_is_an_error() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let err = SgList::from_guest(&mem, &[(GuestAddress(0xf00), 0x200)]).unwrap_err();
+        assert!(matches!(err, BlockError::GuestMemory { addr: 0xf00, .. }));
+    }
+
+    #[test]
+    fn aligned_buf_is_aligned_and_zeroed() {
+        let b = AlignedBuf::new(8192, 4096);
+        assert_eq!(b.iovec(0, 1).base as usize % 4096, 0);
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+    }
+}

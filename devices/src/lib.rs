@@ -1,0 +1,8 @@
+//! Platter's devices. Nothing here knows about KVM: devices see guest memory
+//! through `vm-memory`, raise interrupts through the small traits in
+//! [`interrupt`], and are put on a [`bus::Bus`] by the VMM.
+
+pub mod bus;
+pub mod interrupt;
+pub mod legacy;
+pub mod pci;

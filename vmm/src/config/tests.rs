@@ -1,0 +1,264 @@
+//! Every rejection `Config` can give has a test here.
+
+use super::*;
+
+const GOOD: &str = r#"
+[machine]
+vcpus = 2
+memory = "512M"
+
+[kernel]
+path = "vmlinuz"
+initramfs = "initrd.img"
+cmdline = "console=ttyS0 quiet"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.toml", &[])
+}
+
+/// A config whose kernel and initramfs exist (in a temp dir).
+fn on_disk(text: &str) -> (tempdir::Dir, Config) {
+    let dir = tempdir::Dir::new();
+    std::fs::write(dir.0.join("vmlinuz"), b"k").unwrap();
+    std::fs::write(dir.0.join("initrd.img"), b"i").unwrap();
+    let path = dir.0.join("vm.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut cfg = Config::parse(text, "vm.toml", &[]).unwrap();
+    cfg.source = path;
+    cfg.resolve_paths();
+    (dir, cfg)
+}
+
+mod tempdir {
+    /// A temporary folder removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Self {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "platter-cfg-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+const PLENTY: HostLimits = HostLimits {
+    memory_bytes: Some(64 << 30),
+};
+
+#[test]
+fn good_config_parses_with_defaults() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.machine.vcpus, 2);
+    assert_eq!(c.machine.memory.mib(), 512);
+    assert_eq!(c.machine.on_reboot, OnReboot::Exit);
+    assert_eq!(c.serial.mode, SerialMode::Stdio);
+    assert!(c.disks.is_empty());
+    let (_d, c) = on_disk(GOOD);
+    c.validate(&PLENTY).unwrap();
+}
+
+#[test]
+fn memory_accepts_mib_integers_and_suffixes() {
+    assert_eq!(MemorySize::parse("2G").unwrap().mib(), 2048);
+    assert_eq!(MemorySize::parse("65536K").unwrap().mib(), 64);
+    assert!(MemorySize::parse("lots").is_err());
+    assert!(MemorySize::parse("99999999999T").is_err());
+    let c = parse(&GOOD.replace("\"512M\"", "1024")).unwrap();
+    assert_eq!(c.machine.memory.mib(), 1024);
+}
+
+#[test]
+fn unknown_key_names_the_key() {
+    let e = parse(&GOOD.replace("vcpus = 2", "vcpu = 2")).unwrap_err();
+    assert_eq!(e.file, "test.toml");
+    assert!(e.key.starts_with("machine.vcpu"), "{e}");
+    assert!(e.message.contains("unknown field `vcpu`"), "{e}");
+}
+
+#[test]
+fn unknown_table_is_refused() {
+    let e = parse(&format!("{GOOD}\n[gpu]\nx = 1\n")).unwrap_err();
+    assert!(e.message.contains("unknown field `gpu`"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let e = parse(&GOOD.replace("vcpus = 2", "vcpus = \"two\"")).unwrap_err();
+    assert!(e.key.starts_with("machine.vcpus"), "{e}");
+    assert!(e.message.contains("invalid type"), "{e}");
+}
+
+#[test]
+fn syntax_error_names_the_line() {
+    let e = parse("[machine\nvcpus = 1").unwrap_err();
+    assert!(e.key.contains("line 1"), "{e}");
+}
+
+#[test]
+fn missing_kernel_table_is_refused() {
+    let e = parse("[machine]\nvcpus = 1\n").unwrap_err();
+    assert!(e.message.contains("missing field `kernel`"), "{e}");
+}
+
+#[test]
+fn vcpus_out_of_range() {
+    for n in [0, 255, 1000] {
+        let (_d, c) = on_disk(&GOOD.replace("vcpus = 2", &format!("vcpus = {n}")));
+        let e = c.validate(&PLENTY).unwrap_err();
+        assert_eq!(e.key, "machine.vcpus");
+        assert!(e.message.contains("between 1 and 254"), "{e}");
+    }
+}
+
+#[test]
+fn memory_too_small_or_too_large() {
+    let (_d, c) = on_disk(&GOOD.replace("\"512M\"", "\"16M\""));
+    assert_eq!(c.validate(&PLENTY).unwrap_err().key, "machine.memory");
+    let (_d, c) = on_disk(GOOD);
+    let tiny = HostLimits {
+        memory_bytes: Some(256 << 20),
+    };
+    let e = c.validate(&tiny).unwrap_err();
+    assert_eq!(e.key, "machine.memory");
+    assert!(e.message.contains("more than this host can give"), "{e}");
+}
+
+#[test]
+fn missing_kernel_or_initramfs_file() {
+    let (d, c) = on_disk(GOOD);
+    std::fs::remove_file(d.0.join("initrd.img")).unwrap();
+    let e = c.validate(&PLENTY).unwrap_err();
+    assert_eq!(e.key, "kernel.initramfs");
+    std::fs::remove_file(d.0.join("vmlinuz")).unwrap();
+    let e = c.validate(&PLENTY).unwrap_err();
+    assert_eq!(e.key, "kernel.path");
+    assert!(e.message.contains("cannot open"), "{e}");
+}
+
+#[test]
+fn relative_paths_follow_the_config_file() {
+    let (d, c) = on_disk(GOOD);
+    assert_eq!(c.kernel.path, d.0.join("vmlinuz"));
+}
+
+#[test]
+fn cmdline_too_long() {
+    let long = "x".repeat(MAX_CMDLINE_LEN);
+    let (_d, c) = on_disk(&GOOD.replace("console=ttyS0 quiet", &long));
+    assert_eq!(c.validate(&PLENTY).unwrap_err().key, "kernel.cmdline");
+}
+
+#[test]
+fn serial_file_needs_a_path() {
+    let (_d, c) = on_disk(&format!("{GOOD}\n[serial]\nmode = \"file\"\n"));
+    assert_eq!(c.validate(&PLENTY).unwrap_err().key, "serial.path");
+    let e = parse(&format!("{GOOD}\n[serial]\nmode = \"pipe\"\n")).unwrap_err();
+    assert!(e.key.starts_with("serial.mode"), "{e}");
+}
+
+const DISK: &str = r#"
+[[disk]]
+id = "data"
+path = "data.img"
+format = "raw"
+controller = "virtio-blk"
+cache = "none"
+aio = "io_uring"
+"#;
+
+#[test]
+fn disk_keys_parse_and_are_refused_for_now() {
+    let c = parse(&format!("{GOOD}{DISK}")).unwrap();
+    assert_eq!(c.disks[0].controller, Controller::VirtioBlk);
+    assert_eq!(c.disks[0].cache, CacheMode::None);
+    assert_eq!(c.disks[0].aio, AioMode::IoUring);
+    let (_d, c) = on_disk(&format!("{GOOD}{DISK}"));
+    let e = c.validate(&PLENTY).unwrap_err();
+    assert_eq!(e.key, "disk[0].controller");
+    assert!(e.message.contains("not supported yet"), "{e}");
+}
+
+#[test]
+fn disk_bad_values_are_refused() {
+    let e = parse(&format!(
+        "{GOOD}{}",
+        DISK.replace("\"none\"", "\"sometimes\"")
+    ))
+    .unwrap_err();
+    assert!(e.key.starts_with("disk.cache"), "{e}");
+    let e = parse(&format!("{GOOD}{}", DISK.replace("virtio-blk", "floppy"))).unwrap_err();
+    assert!(e.key.starts_with("disk.controller"), "{e}");
+    let (_d, c) = on_disk(&format!(
+        "{GOOD}{}",
+        DISK.replace("\"none\"", "\"writeback\"")
+            .replace("io_uring", "native")
+    ));
+    let e = c.validate(&PLENTY).unwrap_err();
+    assert_eq!(e.key, "disk[0].aio");
+    assert!(e.message.contains("O_DIRECT"), "{e}");
+}
+
+#[test]
+fn passthrough_is_refused_for_now() {
+    let (_d, c) = on_disk(&format!(
+        "{GOOD}\n[[passthrough]]\nid = \"nvme\"\nhost = \"0000:01:00.0\"\n"
+    ));
+    let e = c.validate(&PLENTY).unwrap_err();
+    assert_eq!(e.key, "passthrough[0]");
+    assert!(e.message.contains("not supported yet"), "{e}");
+}
+
+#[test]
+fn overrides_apply_before_parsing() {
+    let c = Config::parse(
+        GOOD,
+        "t",
+        &[
+            "machine.vcpus=4".into(),
+            "kernel.cmdline=console=ttyS0 rig.cmd=abc".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.machine.vcpus, 4);
+    assert_eq!(c.kernel.cmdline, "console=ttyS0 rig.cmd=abc");
+    let e = Config::parse(GOOD, "t", &["machine.vcpus".into()]).unwrap_err();
+    assert!(e.key.contains("--set"), "{e}");
+}
+
+#[test]
+fn load_reports_unreadable_file() {
+    let e = Config::load(Path::new("/nonexistent/vm.toml"), &[]).unwrap_err();
+    assert_eq!(e.key, "file");
+    assert_eq!(e.to_string().lines().count(), 1);
+}
+
+#[test]
+fn disk_ranges_are_checked() {
+    for (k, v) in [
+        ("num_queues", "0"),
+        ("num_queues", "65"),
+        ("queue_size", "100"),
+        ("queue_size", "2048"),
+        ("logical_block_size", "1000"),
+        ("physical_block_size", "256"),
+        ("channel", "2"),
+        ("unit", "3"),
+    ] {
+        let (_d, c) = on_disk(&format!("{GOOD}{DISK}{k} = {v}\n"));
+        assert_eq!(c.validate(&PLENTY).unwrap_err().key, format!("disk[0].{k}"));
+    }
+    let (_d, c) = on_disk(&format!("{GOOD}{DISK}{DISK}"));
+    assert_eq!(c.validate(&PLENTY).unwrap_err().key, "disk[1].id");
+}

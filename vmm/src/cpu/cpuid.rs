@@ -1,0 +1,121 @@
+//! CPUID: what KVM supports, adjusted per vCPU so the guest sees one socket
+//! of `vcpus` cores with APIC IDs 0..n, and knows it runs on a hypervisor.
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+use super::{kvm, CpuError};
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+const ECX_AMD_CMP_LEGACY: u32 = 1 << 1;
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// KVM's supported CPUID, read once for all vCPUs.
+pub fn supported(kvm_fd: &Kvm) -> Result<CpuId, CpuError> {
+    kvm_fd
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// Bits needed to number `n` cores.
+fn id_bits(n: u32) -> u32 {
+    32 - (n.max(1) - 1).leading_zeros()
+}
+
+/// Adjust `cpuid` for vCPU `id` of `count`.
+pub fn for_vcpu(mut cpuid: CpuId, id: u8, count: u8) -> CpuId {
+    let (id, count) = (u32::from(id), u32::from(count));
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            LEAF_FEATURES => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (count << 16);
+                e.ecx |= ECX_HYPERVISOR;
+                if count > 1 {
+                    e.edx |= EDX_HTT;
+                }
+            }
+            // Cores per package - 1 in EAX[31:26] of every real cache level.
+            LEAF_CACHE_PARAMS if e.eax & 0x1f != 0 => {
+                e.eax = (e.eax & 0x03ff_c3ff) | ((count - 1).min(63) << 26);
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+                e.edx = id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (LEVEL_TYPE_SMT << 8) | e.index;
+                    }
+                    1 => {
+                        e.eax = id_bits(count);
+                        e.ebx = count;
+                        e.ecx = (LEVEL_TYPE_CORE << 8) | e.index;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            LEAF_AMD_FEATURES if count > 1 => e.ecx |= ECX_AMD_CMP_LEGACY,
+            LEAF_AMD_SIZES => {
+                e.ecx = (e.ecx & !0xf0ff) | (id_bits(count) << 12) | (count - 1);
+            }
+            LEAF_AMD_TOPOLOGY => {
+                e.eax = id;
+                e.ebx = id & 0xff;
+                e.ecx = 0;
+            }
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn table() -> CpuId {
+        let leaf = |function, index| kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        };
+        CpuId::from_entries(&[
+            leaf(LEAF_FEATURES, 0),
+            leaf(LEAF_TOPOLOGY, 0),
+            leaf(LEAF_TOPOLOGY, 1),
+            leaf(LEAF_AMD_SIZES, 0),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn apic_id_and_count_are_set() {
+        let c = for_vcpu(table(), 3, 4);
+        let e = &c.as_slice()[0];
+        assert_eq!(e.ebx >> 24, 3);
+        assert_eq!((e.ebx >> 16) & 0xff, 4);
+        assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
+        let core = &c.as_slice()[2];
+        assert_eq!((core.ebx, core.edx, core.eax), (4, 3, 2));
+        assert_eq!(c.as_slice()[3].ecx & 0xff, 3);
+    }
+
+    #[test]
+    fn id_bits_rounds_up() {
+        assert_eq!([1, 2, 3, 4, 5, 254].map(id_bits), [0, 1, 2, 2, 3, 8]);
+    }
+}

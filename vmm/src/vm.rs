@@ -1,0 +1,358 @@
+//! The machine: a KVM VM with in-kernel irqchip and PIT, guest RAM, the
+//! platform devices on the PIO bus, and one thread per vCPU.
+//!
+//! ```text
+//!   vCPU threads --PIO/MMIO exits--> Bus --> devices --irqfd--> KVM
+//!   event loop (stdin) --> serial      devices --PowerEvent--> main thread
+//! ```
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use platter_devices::bus::Bus;
+use platter_devices::interrupt::InterruptLine;
+use platter_devices::legacy::{self, AcpiPm, PowerEvent, PowerSink, Serial, SerialOutput, I8042};
+use platter_devices::pci::PciRoot;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{Config, SerialMode};
+use crate::layout::{
+    ACPI_PM1A_EVT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
+    PCI_CONFIG_PORT,
+};
+use crate::{boot, cpu, memory};
+
+/// Why starting or running the machine failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Loading the kernel.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// Host I/O (serial file, eventfds, threads).
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// Placing a device on a bus.
+    #[error("wiring devices: {0}")]
+    Bus(#[from] platter_devices::bus::BusError),
+    /// A vCPU stopped with an error the guest can't recover from.
+    #[error("vCPU {cpu}: {reason}")]
+    Vcpu { cpu: u8, reason: String },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset (reboot, or a triple fault).
+    Reset,
+}
+
+/// vCPU exits counted by reason, over all vCPUs (issue: exits per I/O).
+#[derive(Default, Debug)]
+pub struct ExitCounts {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// Everything else that reached userspace.
+    pub other: AtomicU64,
+}
+
+impl ExitCounts {
+    /// One line for `--exit-stats`.
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "vcpu exits: io_in={} io_out={} mmio_read={} mmio_write={} other={}",
+            g(&self.io_in),
+            g(&self.io_out),
+            g(&self.mmio_read),
+            g(&self.mmio_write),
+            g(&self.other)
+        )
+    }
+}
+
+enum Event {
+    Power(PowerEvent),
+    Failed(VmError),
+}
+
+struct ChannelSink(Mutex<Sender<Event>>);
+
+impl PowerSink for ChannelSink {
+    fn power(&self, ev: PowerEvent) {
+        let _ = self.0.lock().expect("sink lock").send(Event::Power(ev));
+    }
+}
+
+/// An ISA interrupt line backed by an irqfd on its GSI.
+struct IrqFd(EventFd);
+
+impl InterruptLine for IrqFd {
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(Arc::new(IrqFd(evt)))
+}
+
+/// The shared serial device, for the input pump.
+pub type SharedSerial = Arc<Mutex<Serial>>;
+
+/// Everything that lives as long as the guest runs.
+pub struct Machine {
+    /// The VM, kept open while vCPU threads run (irqfds hang off it).
+    _vm: Arc<VmFd>,
+    /// COM1, for feeding input.
+    pub serial: SharedSerial,
+    /// Exit counters.
+    pub exits: Arc<ExitCounts>,
+    events: std::sync::mpsc::Receiver<Event>,
+}
+
+fn serial_output(cfg: &Config) -> Result<SerialOutput, VmError> {
+    Ok(match cfg.serial.mode {
+        // Unbuffered: the guest's prompt has no newline and must show at once.
+        SerialMode::Stdio => Box::new(std::fs::File::from(
+            io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("dup stdout"))?,
+        )),
+        SerialMode::File => {
+            let path = cfg.serial.path.as_ref().expect("validated");
+            Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(io_err("opening serial.path"))?,
+            )
+        }
+        SerialMode::Off => Box::new(io::sink()),
+    })
+}
+
+/// Build the machine from `cfg` and start its vCPUs.
+pub fn start(kvm: &Kvm, cfg: &Config) -> Result<Machine, VmError> {
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    let ram = cfg.machine.memory.0;
+    let vcpus = u8::try_from(cfg.machine.vcpus).expect("validated to 1..=254");
+    let mem = memory::create(&vm, ram)?;
+
+    let (tx, rx) = channel();
+    let sink: Arc<dyn PowerSink> = Arc::new(ChannelSink(Mutex::new(tx.clone())));
+    let mut pio = Bus::new();
+    let serial = Arc::new(Mutex::new(Serial::new(
+        irq_line(&vm, COM1_IRQ)?,
+        serial_output(cfg)?,
+    )));
+    pio.insert(serial.clone(), COM1_PORT, legacy::serial::LEN)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(sink.clone()))),
+        I8042_PORT,
+        legacy::i8042::LEN,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiPm::new(boot::acpi::S5_SLP_TYP, sink))),
+        ACPI_PM1A_EVT,
+        legacy::acpi_pm::LEN,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(PciRoot::new())),
+        PCI_CONFIG_PORT,
+        platter_devices::pci::CONFIG_IO_LEN,
+    )?;
+    let mmio = Bus::new();
+
+    let boot = boot::load_linux(
+        &mem,
+        ram,
+        vcpus,
+        &cfg.kernel.path,
+        cfg.kernel.initramfs.as_deref(),
+        &cfg.kernel.cmdline,
+    )?;
+    cpu::regs::write_boot_tables(&mem)?;
+    let base_cpuid = cpu::cpuid::supported(kvm)?;
+
+    let buses = Arc::new((pio, mmio));
+    let exits = Arc::new(ExitCounts::default());
+    let mut fds = Vec::new();
+    for id in 0..vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpu::cpuid::for_vcpu(base_cpuid.clone(), id, vcpus))
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        cpu::regs::setup(&fd, boot.entry.0, id == 0)?;
+        fds.push(fd);
+    }
+    for (id, fd) in fds.into_iter().enumerate() {
+        let id = id as u8;
+        let (buses, exits, tx) = (buses.clone(), exits.clone(), tx.clone());
+        thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                if let Err(e) = vcpu_loop(id, fd, &buses.0, &buses.1, &exits, &tx) {
+                    let _ = tx.send(Event::Failed(e));
+                }
+            })
+            .map_err(io_err("spawning vCPU thread"))?;
+    }
+    // Guest memory must outlive the vCPUs, which run until the process exits.
+    std::mem::forget(mem);
+    Ok(Machine {
+        _vm: vm,
+        serial,
+        exits,
+        events: rx,
+    })
+}
+
+impl Machine {
+    /// Wait for the guest to power off or reset.
+    pub fn wait(&self) -> Result<Outcome, VmError> {
+        match self.events.recv() {
+            Ok(Event::Power(PowerEvent::PowerOff)) => Ok(Outcome::PowerOff),
+            Ok(Event::Power(PowerEvent::Reset)) => Ok(Outcome::Reset),
+            Ok(Event::Failed(e)) => Err(e),
+            Err(_) => Err(VmError::Vcpu {
+                cpu: 0,
+                reason: "all vCPU threads ended without a power event".into(),
+            }),
+        }
+    }
+}
+
+fn vcpu_loop(
+    id: u8,
+    mut fd: VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    exits: &ExitCounts,
+    tx: &Sender<Event>,
+) -> Result<(), VmError> {
+    let count = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
+    loop {
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                count(&exits.io_in);
+                if !pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                count(&exits.io_out);
+                pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                count(&exits.mmio_read);
+                if !mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                count(&exits.mmio_write);
+                mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Shutdown) => {
+                count(&exits.other);
+                eprintln!("platter: vCPU {id}: triple fault (CPU shutdown), treated as a reset");
+                let _ = tx.send(Event::Power(PowerEvent::Reset));
+                return Ok(());
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                count(&exits.other);
+                let ev = if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
+                    PowerEvent::PowerOff
+                } else {
+                    PowerEvent::Reset
+                };
+                let _ = tx.send(Event::Power(ev));
+                return Ok(());
+            }
+            Ok(VcpuExit::Hlt) => {
+                count(&exits.other);
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(VmError::Vcpu {
+                    cpu: id,
+                    reason: format!("KVM_EXIT_FAIL_ENTRY: reason {reason:#x} on host cpu {cpu}"),
+                })
+            }
+            Ok(VcpuExit::InternalError) => {
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Err(VmError::Vcpu {
+                    cpu: id,
+                    reason: format!("KVM internal error (emulation failure?) at rip {rip:#x}"),
+                });
+            }
+            Ok(other) => {
+                count(&exits.other);
+                log::debug!("vCPU {id}: unhandled exit {other:?}");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                return Err(VmError::Vcpu {
+                    cpu: id,
+                    reason: format!("KVM_RUN: {e}"),
+                })
+            }
+        }
+    }
+}
