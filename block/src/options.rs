@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 /// A config string that names no known value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {kind} {value:?}; expected one of: {expected}")]
+#[error("unknown {kind} {value:?}; expected one of: {}", expected.trim_end_matches('|'))]
 pub struct ParseOptionError {
     /// What was being parsed ("cache mode", ...).
     pub kind: &'static str,

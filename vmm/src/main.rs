@@ -4,6 +4,7 @@ mod boot;
 mod config;
 mod cpu;
 mod hostcheck;
+mod img;
 mod input;
 mod layout;
 mod memory;
@@ -57,6 +58,11 @@ enum Command {
         #[arg(long)]
         exit_stats: bool,
     },
+    /// Create and inspect disk images (raw, qcow2), like qemu-img.
+    Img {
+        #[command(subcommand)]
+        cmd: img::ImgCommand,
+    },
     /// Validate a config without starting anything.
     Check {
         /// The TOML config file.
@@ -84,6 +90,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("platter: {e}");
                 EXIT_USAGE
+            }
+        },
+        Command::Img { cmd } => match img::run(cmd) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("platter img: {e}");
+                EXIT_FAILURE
             }
         },
         Command::Run {
