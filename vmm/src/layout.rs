@@ -65,8 +65,6 @@ pub const ACPI_PM1A_EVT: u64 = 0x600;
 pub const ACPI_PM1A_CNT: u64 = 0x604;
 /// SCI interrupt announced in the FADT.
 pub const ACPI_SCI_IRQ: u16 = 9;
-/// PCI configuration mechanism #1.
-pub const PCI_CONFIG_PORT: u64 = 0xcf8;
 /// End of the I/O port space.
 pub const PCI_IO_END: u64 = 0x1_0000;
 

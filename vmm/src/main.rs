@@ -8,6 +8,7 @@ mod img;
 mod input;
 mod layout;
 mod memory;
+mod pci;
 mod rig;
 mod terminal;
 mod vm;

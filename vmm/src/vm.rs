@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -19,14 +19,13 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use platter_devices::bus::Bus;
 use platter_devices::interrupt::InterruptLine;
 use platter_devices::legacy::{self, AcpiPm, PowerEvent, PowerSink, Serial, SerialOutput, I8042};
-use platter_devices::pci::PciRoot;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, SerialMode};
 use crate::layout::{
     ACPI_PM1A_EVT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
-    PCI_CONFIG_PORT,
 };
+use crate::pci::{Buses, PciSegment};
 use crate::{boot, cpu, memory};
 
 /// Why starting or running the machine failed.
@@ -58,6 +57,9 @@ pub enum VmError {
     /// Placing a device on a bus.
     #[error("wiring devices: {0}")]
     Bus(#[from] platter_devices::bus::BusError),
+    /// Placing a PCI function.
+    #[error(transparent)]
+    Pci(#[from] crate::pci::PciWiringError),
     /// A vCPU stopped with an error the guest can't recover from.
     #[error("vCPU {cpu}: {reason}")]
     Vcpu { cpu: u8, reason: String },
@@ -212,12 +214,11 @@ pub fn start(kvm: &Kvm, cfg: &Config) -> Result<Machine, VmError> {
         ACPI_PM1A_EVT,
         legacy::acpi_pm::LEN,
     )?;
-    pio.insert(
-        Arc::new(Mutex::new(PciRoot::new())),
-        PCI_CONFIG_PORT,
-        platter_devices::pci::CONFIG_IO_LEN,
-    )?;
-    let mmio = Bus::new();
+    let buses = Buses {
+        pio: Arc::new(RwLock::new(pio)),
+        mmio: Arc::new(RwLock::new(Bus::new())),
+    };
+    let _pci = PciSegment::new(vm.clone(), buses.clone(), ram)?;
 
     let boot = boot::load_linux(
         &mem,
@@ -230,7 +231,6 @@ pub fn start(kvm: &Kvm, cfg: &Config) -> Result<Machine, VmError> {
     cpu::regs::write_boot_tables(&mem)?;
     let base_cpuid = cpu::cpuid::supported(kvm)?;
 
-    let buses = Arc::new((pio, mmio));
     let exits = Arc::new(ExitCounts::default());
     let mut fds = Vec::new();
     for id in 0..vcpus {
@@ -248,7 +248,7 @@ pub fn start(kvm: &Kvm, cfg: &Config) -> Result<Machine, VmError> {
         thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                if let Err(e) = vcpu_loop(id, fd, &buses.0, &buses.1, &exits, &tx) {
+                if let Err(e) = vcpu_loop(id, fd, &buses, &exits, &tx) {
                     let _ = tx.send(Event::Failed(e));
                 }
             })
@@ -279,11 +279,27 @@ impl Machine {
     }
 }
 
+/// Find the device under `addr` with the bus lock held only for the lookup,
+/// so a device access may itself move BARs (PCI config writes do).
+fn dispatch(
+    bus: &RwLock<Bus>,
+    addr: u64,
+    access: impl FnOnce(&mut dyn platter_devices::bus::BusDevice, u64),
+) -> bool {
+    let found = bus.read().expect("bus lock").resolve(addr);
+    match found {
+        Some((dev, off)) => {
+            access(&mut *dev.lock().expect("device lock"), off);
+            true
+        }
+        None => false,
+    }
+}
+
 fn vcpu_loop(
     id: u8,
     mut fd: VcpuFd,
-    pio: &Bus,
-    mmio: &Bus,
+    buses: &Buses,
     exits: &ExitCounts,
     tx: &Sender<Event>,
 ) -> Result<(), VmError> {
@@ -292,23 +308,23 @@ fn vcpu_loop(
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 count(&exits.io_in);
-                if !pio.read(u64::from(port), data) {
+                if !dispatch(&buses.pio, u64::from(port), |d, off| d.read(off, data)) {
                     data.fill(0xff);
                 }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 count(&exits.io_out);
-                pio.write(u64::from(port), data);
+                dispatch(&buses.pio, u64::from(port), |d, off| d.write(off, data));
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 count(&exits.mmio_read);
-                if !mmio.read(addr, data) {
+                if !dispatch(&buses.mmio, addr, |d, off| d.read(off, data)) {
                     data.fill(0xff);
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 count(&exits.mmio_write);
-                mmio.write(addr, data);
+                dispatch(&buses.mmio, addr, |d, off| d.write(off, data));
             }
             Ok(VcpuExit::Shutdown) => {
                 count(&exits.other);
