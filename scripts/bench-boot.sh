@@ -69,7 +69,8 @@ done
 # Interleave the two so drift in the rig affects both alike.
 for i in $(seq 1 "$RUNS"); do
     for vmm in platter qemu; do
-        read -r ms rss < <(one_boot "$vmm")
+        res=$(one_boot "$vmm")
+        ms=${res% *}; rss=${res#* }
         echo "$ms" >> "$OUT/$vmm.times"; echo "$rss" >> "$OUT/$vmm.rss"
         echo "run $i $vmm: ${ms} ms to $MARK, ${rss} KiB beyond guest RAM" >&2
     done
