@@ -23,13 +23,14 @@ APPEND="console=ttyS0 quiet rig.cmd=$(printf 'true' | base64 -w0)"
 MARK=PLATTER-GUEST-INIT
 OUT=$(mktemp -d)
 
+# `exec`: the background job's PID must be the VMM's own, for its smaps.
 platter_cmd() {
-    target/release/platter run configs/boot.toml --rig=never \
+    exec target/release/platter run configs/boot.toml --rig=never \
         --set machine.vcpus=2 --set "machine.memory=${MEM_MIB}M" \
         --set "kernel.cmdline=$APPEND"
 }
 qemu_cmd() {
-    qemu-system-x86_64 -machine q35,accel=kvm -cpu host -smp 2 -m "${MEM_MIB}M" \
+    exec qemu-system-x86_64 -machine q35,accel=kvm -cpu host -smp 2 -m "${MEM_MIB}M" \
         -nodefaults -no-user-config -display none -serial stdio -no-reboot \
         -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND"
 }

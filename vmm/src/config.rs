@@ -17,6 +17,8 @@ pub const MAX_CMDLINE_LEN: usize = 2048;
 pub const MAX_QUEUES: u16 = 64;
 /// Largest virtio queue.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// virtio-blk's GET_ID answer is 20 bytes.
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 
 /// A configuration error: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +219,19 @@ pub enum Controller {
     UsbStorage,
 }
 
+impl Controller {
+    /// The name used in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Controller::VirtioBlk => "virtio-blk",
+            Controller::VirtioScsi => "virtio-scsi",
+            Controller::Ide => "ide",
+            Controller::Ahci => "ahci",
+            Controller::UsbStorage => "usb-storage",
+        }
+    }
+}
+
 /// Host cache behaviour, with QEMU's meaning.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -260,8 +275,6 @@ pub enum Media {
 
 /// `[[disk]]`
 #[derive(Debug, Deserialize, Clone)]
-// Parsed and validated now; the controllers that read the rest land with their issues.
-#[allow(dead_code)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// A name unique among disks.
@@ -495,14 +508,46 @@ impl Config {
                 }
             }
         }
-        if let Some((i, d)) = self.disks.iter().enumerate().next() {
-            return Err(err(
-                &format!("disk[{i}].controller"),
-                format!(
-                    "disk `{}`: disks are not supported yet in this version of Platter",
-                    d.id
-                ),
-            ));
+        for (i, d) in self.disks.iter().enumerate() {
+            let key = |k: &str| format!("disk[{i}].{k}");
+            if d.controller != Controller::VirtioBlk {
+                return Err(err(
+                    &key("controller"),
+                    format!(
+                        "disk `{}`: controller `{}` is not supported yet (virtio-blk is)",
+                        d.id,
+                        d.controller.name()
+                    ),
+                ));
+            }
+            let unsupported = [
+                ("media", d.media == Media::Cdrom),
+                ("model", d.model.is_some()),
+                ("iothread", d.iothread.is_some()),
+                ("logical_block_size", d.logical_block_size.is_some()),
+                ("physical_block_size", d.physical_block_size.is_some()),
+                ("channel", d.channel.is_some()),
+                ("unit", d.unit.is_some()),
+            ];
+            if let Some((k, _)) = unsupported.iter().find(|(_, set)| *set) {
+                return Err(err(
+                    &key(k),
+                    format!(
+                        "disk `{}`: `{k}` is not supported for controller `virtio-blk` yet",
+                        d.id
+                    ),
+                ));
+            }
+            if d.serial
+                .as_ref()
+                .is_some_and(|s| s.len() > VIRTIO_BLK_ID_BYTES)
+            {
+                return Err(err(
+                    &key("serial"),
+                    format!("must be at most {VIRTIO_BLK_ID_BYTES} bytes for virtio-blk"),
+                ));
+            }
+            check_path(&d.path).map_err(|e| err(&key("path"), e))?;
         }
         if let Some(p) = self.passthrough.first() {
             return Err(err(
@@ -540,6 +585,19 @@ impl HostLimits {
             _ => None,
         };
         Self { memory_bytes }
+    }
+}
+
+/// A disk path: a regular file or a block device that can be opened.
+fn check_path(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
+        Ok(_) => Err(format!(
+            "{} is not a regular file or block device",
+            p.display()
+        )),
+        Err(e) => Err(format!("cannot open {}: {e}", p.display())),
     }
 }
 

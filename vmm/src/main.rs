@@ -3,9 +3,11 @@
 mod boot;
 mod config;
 mod cpu;
+mod disks;
 mod hostcheck;
 mod img;
 mod input;
+mod irq;
 mod layout;
 mod memory;
 mod pci;
@@ -165,7 +167,14 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, exit_stats: bool) -> 
         Ok(_) => {}
         Err(e) => log::warn!("{e}"),
     }
-    let machine = match vm::start(&kvm, &cfg) {
+    let disks = match disks::open_all(&cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("platter: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let machine = match vm::start(&kvm, &cfg, disks) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("platter: cannot start the machine: {e}");

@@ -59,7 +59,6 @@ pub struct Buses {
 }
 
 /// The PCI segment: root, BAR allocator and the functions on it.
-#[allow(dead_code)]
 pub struct PciSegment {
     vm: Arc<VmFd>,
     buses: Buses,
@@ -112,8 +111,6 @@ impl PciSegment {
     }
 
     /// Place `device`'s BARs, put them on the buses, register its doorbells.
-    // Called by the disk controllers as they land (virtio-blk first).
-    #[allow(dead_code)]
     pub fn add(
         &mut self,
         device: SharedPciDevice,

@@ -22,6 +22,8 @@ use platter_devices::legacy::{self, AcpiPm, PowerEvent, PowerSink, Serial, Seria
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, SerialMode};
+use crate::disks::{self, OpenedDisk};
+use crate::irq::GsiTable;
 use crate::layout::{
     ACPI_PM1A_EVT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
 };
@@ -57,6 +59,9 @@ pub enum VmError {
     /// Placing a device on a bus.
     #[error("wiring devices: {0}")]
     Bus(#[from] platter_devices::bus::BusError),
+    /// Putting a disk on its controller.
+    #[error(transparent)]
+    Attach(#[from] disks::AttachError),
     /// Placing a PCI function.
     #[error(transparent)]
     Pci(#[from] crate::pci::PciWiringError),
@@ -178,7 +183,7 @@ fn serial_output(cfg: &Config) -> Result<SerialOutput, VmError> {
 }
 
 /// Build the machine from `cfg` and start its vCPUs.
-pub fn start(kvm: &Kvm, cfg: &Config) -> Result<Machine, VmError> {
+pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine, VmError> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     vm.set_tss_address(KVM_TSS_ADDR as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -218,7 +223,17 @@ pub fn start(kvm: &Kvm, cfg: &Config) -> Result<Machine, VmError> {
         pio: Arc::new(RwLock::new(pio)),
         mmio: Arc::new(RwLock::new(Bus::new())),
     };
-    let _pci = PciSegment::new(vm.clone(), buses.clone(), ram)?;
+    let gsi = Arc::new(Mutex::new(GsiTable::new(vm.clone())));
+    let mut pci = PciSegment::new(vm.clone(), buses.clone(), ram)?;
+    disks::attach_all(
+        disks,
+        &mut disks::Wiring {
+            vm: &vm,
+            mem: &mem,
+            gsi: &gsi,
+            pci: &mut pci,
+        },
+    )?;
 
     let boot = boot::load_linux(
         &mem,

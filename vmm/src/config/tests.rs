@@ -179,15 +179,30 @@ aio = "io_uring"
 "#;
 
 #[test]
-fn disk_keys_parse_and_are_refused_for_now() {
+fn virtio_blk_disk_is_accepted_and_others_refused_for_now() {
     let c = parse(&format!("{GOOD}{DISK}")).unwrap();
     assert_eq!(c.disks[0].controller, Controller::VirtioBlk);
     assert_eq!(c.disks[0].cache, CacheMode::None);
     assert_eq!(c.disks[0].aio, AioMode::IoUring);
-    let (_d, c) = on_disk(&format!("{GOOD}{DISK}"));
+    let (d, c) = on_disk(&format!("{GOOD}{DISK}"));
+    let e = c.validate(&PLENTY).unwrap_err();
+    assert_eq!(e.key, "disk[0].path", "the image does not exist yet");
+    std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+    c.validate(&PLENTY).unwrap();
+    let (d, c) = on_disk(&format!("{GOOD}{}", DISK.replace("virtio-blk", "ide")));
+    std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
     let e = c.validate(&PLENTY).unwrap_err();
     assert_eq!(e.key, "disk[0].controller");
     assert!(e.message.contains("not supported yet"), "{e}");
+    for extra in ["iothread = \"io0\"", "media = \"cdrom\"", "model = \"x\""] {
+        let (d, c) = on_disk(&format!("{GOOD}{DISK}{extra}\n"));
+        std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+        let e = c.validate(&PLENTY).unwrap_err();
+        assert!(e.message.contains("not supported for controller"), "{e}");
+    }
+    let (d, c) = on_disk(&format!("{GOOD}{DISK}serial = \"{}\"\n", "x".repeat(21)));
+    std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+    assert_eq!(c.validate(&PLENTY).unwrap_err().key, "disk[0].serial");
 }
 
 #[test]

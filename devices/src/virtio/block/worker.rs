@@ -1,0 +1,349 @@
+//! The request loop of one virtio-blk device: drains available rings into
+//! the disk, and completed requests into used rings (VIRTIO 1.2 §2.7.13
+//! receiving used buffers, §2.7.7 / §2.7.10 notification suppression).
+//!
+//! ```text
+//!  notify eventfd ─▶ process_queue: disable notifications, pop every chain,
+//!                    parse, submit (tag = slot in `inflight`), re-enable
+//!                    notifications and go round again if the driver added
+//!                    more meanwhile (so no kick is lost)
+//!  completion fd  ─▶ handle_completions: status byte, add_used, retry the
+//!                    requests the disk handed back
+//!  end of a batch ─▶ signal_used: one interrupt per queue that got used
+//!                    buffers, if the driver's used_event asks for it
+//! ```
+//!
+//! A request the disk hands back with `BlockError::Submit` (its engine is
+//! full) waits in `pending` and goes again after the next completion; any
+//! other refusal completes it with IOERR. A broken ring (avail index too far
+//! ahead, a head index outside the queue) cannot be served without a reset:
+//! the queue is set aside and the device reports NEEDS_RESET.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use platter_block::{BlockError, Disk, Request, RequestOp};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::request::{parse, Parsed};
+use super::{blk_status, Limits};
+use crate::virtio::{VirtQueue, VirtioInterrupt};
+
+struct ActiveQueue {
+    vq: VirtQueue,
+    /// Set aside after a ring error until the device is reset.
+    broken: bool,
+    /// Used buffers added since the last notification check.
+    used_added: bool,
+}
+
+/// A virtio request in flight: possibly several disk requests (one per
+/// discard segment), completed when all are.
+struct InFlight {
+    queue: usize,
+    head: u16,
+    status: GuestAddress,
+    used_len: u32,
+    remaining: usize,
+    code: u8,
+}
+
+/// Queues, disk and the requests between them.
+pub(super) struct Worker {
+    disk: Disk,
+    mem: GuestMemoryMmap,
+    queues: Vec<ActiveQueue>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    limits: Limits,
+    /// The guest's write cache setting, changed from the vCPU side.
+    wce: Arc<AtomicBool>,
+    inflight: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    pending: VecDeque<Request>,
+}
+
+impl Worker {
+    pub(super) fn new(
+        disk: Disk,
+        mem: GuestMemoryMmap,
+        queues: Vec<VirtQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        limits: Limits,
+        wce: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            disk,
+            mem,
+            queues: queues
+                .into_iter()
+                .map(|vq| ActiveQueue {
+                    vq,
+                    broken: false,
+                    used_added: false,
+                })
+                .collect(),
+            interrupt,
+            limits,
+            wce,
+            inflight: Vec::new(),
+            free: Vec::new(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Number of queues served (positions for `process_queue`).
+    pub(super) fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Notify eventfd of the queue at `pos`.
+    pub(super) fn notify_fd(&self, pos: usize) -> &vmm_sys_util::eventfd::EventFd {
+        &self.queues[pos].vq.notify
+    }
+
+    /// Virtio requests not yet in a used ring.
+    #[cfg(test)]
+    pub(super) fn in_flight(&self) -> usize {
+        self.inflight.len() - self.free.len()
+    }
+
+    /// Give the disk back, with nothing of the guest's in flight.
+    pub(super) fn into_disk(self) -> Disk {
+        self.disk
+    }
+
+    /// Apply a WCE change the driver made through configuration space
+    /// before the requests it sent after it.
+    fn sync_wce(&mut self) {
+        let wce = self.wce.load(Ordering::SeqCst);
+        if self.disk.wce() != wce {
+            self.disk.set_wce(wce);
+        }
+    }
+
+    fn broken(&mut self, pos: usize, why: &str) {
+        let q = &mut self.queues[pos];
+        if !q.broken {
+            log::warn!(
+                "virtio-blk: queue {}: {why}; the device needs a reset",
+                q.vq.index
+            );
+            q.broken = true;
+            self.interrupt.set_needs_reset();
+        }
+    }
+
+    /// Serve every chain available on the queue at `pos`.
+    pub(super) fn process_queue(&mut self, pos: usize) {
+        self.sync_wce();
+        loop {
+            if self.queues[pos].broken {
+                return;
+            }
+            if let Err(e) = self.queues[pos].vq.queue.disable_notification(&self.mem) {
+                return self.broken(pos, &format!("cannot suppress notifications: {e}"));
+            }
+            self.drain(pos);
+            if self.queues[pos].broken {
+                return;
+            }
+            match self.queues[pos].vq.queue.enable_notification(&self.mem) {
+                // The driver added chains after the last pop: go round again.
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => return self.broken(pos, &format!("cannot enable notifications: {e}")),
+            }
+        }
+    }
+
+    fn drain(&mut self, pos: usize) {
+        loop {
+            let q = &mut self.queues[pos].vq.queue;
+            let chain = match q.iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return self.broken(pos, &format!("bad available ring: {e}")),
+            };
+            let Some(chain) = chain else {
+                return;
+            };
+            let head = chain.head_index();
+            let parsed = parse(chain, &self.mem, &self.limits);
+            match parsed {
+                Parsed::Drop => self.add_used(pos, head, 0),
+                Parsed::Done {
+                    status,
+                    code,
+                    used_len,
+                } => {
+                    self.write_status(status, code);
+                    self.add_used(pos, head, used_len);
+                }
+                Parsed::Submit {
+                    status,
+                    used_len,
+                    ops,
+                } => self.submit(pos, head, status, used_len, ops),
+            }
+            if self.queues[pos].broken {
+                return;
+            }
+        }
+    }
+
+    fn submit(
+        &mut self,
+        queue: usize,
+        head: u16,
+        status: GuestAddress,
+        used_len: u32,
+        ops: Vec<RequestOp>,
+    ) {
+        let entry = InFlight {
+            queue,
+            head,
+            status,
+            used_len,
+            remaining: ops.len(),
+            code: blk_status::OK,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.inflight[s] = Some(entry);
+                s
+            }
+            None => {
+                self.inflight.push(Some(entry));
+                self.inflight.len() - 1
+            }
+        };
+        for op in ops {
+            let req = Request {
+                tag: slot as u64,
+                op,
+            };
+            if self.pending.is_empty() {
+                self.submit_one(req);
+            } else {
+                // Keep order behind the requests already waiting.
+                self.pending.push_back(req);
+            }
+        }
+    }
+
+    /// Submit one disk request; false if the disk is full and it waits.
+    fn submit_one(&mut self, req: Request) -> bool {
+        match self.disk.submit(req) {
+            Ok(()) => true,
+            Err(e) => {
+                let e = *e;
+                if matches!(e.error, BlockError::Submit(_)) {
+                    self.pending.push_front(e.request);
+                    false
+                } else {
+                    log::debug!("virtio-blk: request refused: {}", e.error);
+                    self.finish_part(e.request.tag, false);
+                    true
+                }
+            }
+        }
+    }
+
+    /// Collect disk completions and retry waiting requests.
+    pub(super) fn handle_completions(&mut self) {
+        for (tag, result) in self.disk.completions() {
+            if let Err(e) = &result {
+                log::debug!("virtio-blk: request failed: {e}");
+            }
+            self.finish_part(tag, result.is_ok());
+        }
+        self.sync_wce();
+        while let Some(req) = self.pending.pop_front() {
+            if !self.submit_one(req) {
+                break;
+            }
+        }
+        if !self.pending.is_empty() && self.disk.in_flight() == 0 {
+            // Nothing left to complete, so nothing would retry them.
+            log::warn!("virtio-blk: the disk refuses requests with none in flight");
+            while let Some(req) = self.pending.pop_front() {
+                self.finish_part(req.tag, false);
+            }
+        }
+    }
+
+    fn finish_part(&mut self, tag: u64, ok: bool) {
+        let Some(slot) = usize::try_from(tag)
+            .ok()
+            .filter(|&s| s < self.inflight.len())
+        else {
+            log::error!("virtio-blk: completion for unknown tag {tag}");
+            return;
+        };
+        let Some(entry) = self.inflight[slot].as_mut() else {
+            log::error!("virtio-blk: completion for free tag {tag}");
+            return;
+        };
+        if !ok {
+            entry.code = blk_status::IOERR;
+        }
+        entry.remaining = entry.remaining.saturating_sub(1);
+        if entry.remaining > 0 {
+            return;
+        }
+        let Some(done) = self.inflight[slot].take() else {
+            return;
+        };
+        self.free.push(slot);
+        self.write_status(done.status, done.code);
+        self.add_used(done.queue, done.head, done.used_len);
+    }
+
+    fn write_status(&self, status: GuestAddress, code: u8) {
+        if let Err(e) = self.mem.write_obj(code, status) {
+            // Checked when parsed; memory does not shrink under a running device.
+            log::error!("virtio-blk: cannot write status byte: {e}");
+        }
+    }
+
+    fn add_used(&mut self, pos: usize, head: u16, len: u32) {
+        let q = &mut self.queues[pos];
+        if q.broken {
+            return;
+        }
+        match q.vq.queue.add_used(&self.mem, head, len) {
+            Ok(()) => q.used_added = true,
+            Err(e) => self.broken(pos, &format!("cannot return chain {head}: {e}")),
+        }
+    }
+
+    /// Interrupt each queue that has new used buffers, if the driver wants it.
+    pub(super) fn signal_used(&mut self) {
+        for q in &mut self.queues {
+            if !std::mem::take(&mut q.used_added) {
+                continue;
+            }
+            let needed = q.vq.queue.needs_notification(&self.mem).unwrap_or(true);
+            if needed {
+                self.interrupt.signal_queue(q.vq.index);
+            }
+        }
+    }
+
+    /// Device reset: wait for the disk to finish what it has, without
+    /// touching the rings (the driver has forgotten them).
+    pub(super) fn drain_disk(&mut self, wait: impl Fn(&Disk)) {
+        self.pending.clear();
+        while self.disk.in_flight() > 0 {
+            wait(&self.disk);
+            let _ = self.disk.completions().count();
+        }
+        self.inflight.clear();
+        self.free.clear();
+    }
+}
