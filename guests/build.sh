@@ -11,6 +11,8 @@
 #   $CACHE/l1/initramfs.cpio.gz      busybox + kvm_amd/9p modules + guests/l1-init
 #   $CACHE/l2/initramfs.cpio.gz      busybox + fio + mkfs.ext4 + storage modules
 #                                    + guests/l2-init
+#   $CACHE/l2/rootfs.ext4            the same tree as an ext4 root file system
+#                                    (sparse), for root-on-disk tests (rig.root=)
 #
 # $CACHE is guests/cache unless PLATTER_CACHE says otherwise. The script is
 # idempotent: host packages are installed only when missing, the kernel is
@@ -39,7 +41,7 @@ esac
 # Modules each guest can load. modprobe resolves their dependencies from the
 # kernel's modules.dep when the images are built.
 L1_MODULES=(kvm_amd ccp irqbypass 9p 9pnet_virtio virtio_pci
-            vfio_pci vfio_iommu_type1 loop tun)
+            vfio_pci vfio_iommu_type1 loop tun ext4 crc32c)
 L2_MODULES=(ata_piix ahci libata sd_mod sr_mod cdrom virtio_pci virtio_blk
             virtio_scsi scsi_mod xhci_pci xhci_hcd usb_storage uas nvme ext4
             crc32c)
@@ -241,7 +243,7 @@ build_l2() {
         "fio $(pkg_version fio)" "e2fsprogs $(pkg_version e2fsprogs)" \
         "modules ${L2_MODULES[*]}" "init $(sha256sum < "$GUESTS_DIR/l2-init")" \
         "build $(sha256sum < "$GUESTS_DIR/build.sh")" | sha256sum | cut -d' ' -f1)
-    up_to_date "$L2_INITRAMFS" "$stamp" && return 0
+    up_to_date "$L2_INITRAMFS" "$stamp" && [ -f "$L2_ROOTFS" ] && return 0
 
     log "building $L2_INITRAMFS"
     stage=$CACHE/l2/stage
@@ -257,6 +259,14 @@ build_l2() {
     cp /etc/mke2fs.conf "$stage/etc/"
     install -m 755 "$GUESTS_DIR/l2-init" "$stage/init"
     pack "$stage" "$L2_INITRAMFS"
+    # The same tree as an ext4 root file system (rig.root=), for tests that
+    # boot with their root on an emulated disk. Sparse; copy it before use.
+    mkdir -p "$stage/newroot"
+    touch "$stage/etc/platter-rootfs"
+    rm -f "$L2_ROOTFS.tmp"
+    mke2fs -q -t ext4 -L platter-root -d "$stage" "$L2_ROOTFS.tmp" "$L2_ROOTFS_SIZE" ||
+        die "cannot make $L2_ROOTFS"
+    mv "$L2_ROOTFS.tmp" "$L2_ROOTFS"
     echo "$stamp" > "$L2_INITRAMFS.inputs"
     rm -rf "$stage"
 }

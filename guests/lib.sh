@@ -19,6 +19,9 @@ KERNEL_IMAGE=$CACHE/kernel/vmlinuz
 KERNEL_VERSION_FILE=$CACHE/kernel/version
 L1_INITRAMFS=$CACHE/l1/initramfs.cpio.gz
 L2_INITRAMFS=$CACHE/l2/initramfs.cpio.gz
+L2_ROOTFS=$CACHE/l2/rootfs.ext4
+# Size of the (sparse) root file system image.
+L2_ROOTFS_SIZE=256M
 
 # Print a message on stderr, prefixed with the calling script's name.
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }

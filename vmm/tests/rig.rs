@@ -162,3 +162,142 @@ fn pvm_host_is_detected_and_pointed_to_the_rig() {
     assert!(err.contains("guests/rig -- "), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// The cache x engine matrix of the virtio-blk test: (serial code, cache, aio).
+const CACHES: [(&str, &str); 5] = [
+    ("wb", "writeback"),
+    ("no", "none"),
+    ("wt", "writethrough"),
+    ("ds", "directsync"),
+    ("un", "unsafe"),
+];
+const ENGINES: [(&str, &str); 2] = [("th", "threads"), ("ur", "io_uring")];
+/// Each data disk is this big; fio writes 4 MiB of it.
+const DATA_DISK_SECTORS: u64 = 32 * 1024 * 1024 / 512;
+
+fn disk_toml(serial: &str, file: &str, extra: &str) -> String {
+    format!(
+        "[[disk]]\nid = \"{serial}\"\nserial = \"{serial}\"\npath = \"@WORK@/{file}\"\n\
+         format = \"raw\"\ncontroller = \"virtio-blk\"\n{extra}\n"
+    )
+}
+
+/// The guest's root is on virtio-blk; its data disks cover every cache mode
+/// with each engine, a read-only disk, discard on and off, and multiqueue.
+fn virtio_blk_config() -> String {
+    let repo = repo();
+    let mut t = format!(
+        "[machine]\nvcpus = {VCPUS}\nmemory = \"{MEMORY_MIB}M\"\n\n[kernel]\n\
+         path = \"{k}\"\ninitramfs = \"{i}\"\n\
+         cmdline = \"console=ttyS0 quiet rig.modules=virtio_pci,virtio_blk rig.root=/dev/vda rig.cmd={cmd}\"\n\n",
+        k = repo.join("guests/cache/kernel/vmlinuz").display(),
+        i = repo.join("guests/cache/l2/initramfs.cpio.gz").display(),
+        cmd = b64("sh /root/test.sh"),
+    );
+    t += &disk_toml("root", "root.ext4", "");
+    for (c, cache) in CACHES {
+        for (a, aio) in ENGINES {
+            let s = format!("m-{c}-{a}");
+            t += &disk_toml(
+                &s,
+                &format!("{s}.raw"),
+                &format!("cache = \"{cache}\"\naio = \"{aio}\""),
+            );
+        }
+    }
+    t += &disk_toml("ro", "ro.raw", "readonly = true");
+    t += &disk_toml(
+        "disc-on",
+        "disc-on.raw",
+        "discard = true\ncache = \"none\"\naio = \"io_uring\"",
+    );
+    t += &disk_toml("disc-off", "disc-off.raw", "discard = false");
+    t += &disk_toml(
+        "mq",
+        "mq.raw",
+        "num_queues = 2\nqueue_size = 128\naio = \"io_uring\"",
+    );
+    t
+}
+
+#[test]
+fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
+    if !enabled() {
+        return;
+    }
+    let dir = repo().join("guests/cache/tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let template = dir.join("virtio-blk.toml");
+    std::fs::write(&template, virtio_blk_config()).unwrap();
+    let job = format!(
+        "bash vmm/tests/rig/virtio_blk_job.sh '{}' '{}'",
+        env!("CARGO_BIN_EXE_platter"),
+        template.display()
+    );
+    let (rc, out) = in_rig(&job);
+    assert_eq!(rc, 0, "the rig job failed");
+    assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
+    assert!(out.contains(MARK_EXIT), "guest script did not finish");
+
+    let root = value(&out, "ROOT ").unwrap();
+    assert_eq!(root, "/dev/vda ext4", "root file system on virtio-blk");
+
+    for (c, cache) in CACHES {
+        for (a, _) in ENGINES {
+            let s = format!("m-{c}-{a}");
+            assert_eq!(
+                value(&out, &format!("FIO {s} ")),
+                Some("0"),
+                "fio verify on {s}"
+            );
+            assert_eq!(
+                value(&out, &format!("SIZE {s} ")),
+                Some(DATA_DISK_SECTORS.to_string().as_str())
+            );
+            // QEMU's meaning: writethrough and directsync turn the guest's cache off.
+            let expect = if matches!(cache, "writethrough" | "directsync") {
+                "write_through"
+            } else {
+                "write_back"
+            };
+            assert_eq!(value(&out, &format!("CACHETYPE {s} ")), Some(expect), "{s}");
+        }
+    }
+    assert_eq!(value(&out, "TOGGLED "), Some("write_through"));
+    assert_eq!(value(&out, "FIO toggled "), Some("0"));
+    assert_eq!(value(&out, "RESTORED "), Some("write_back"));
+
+    assert_eq!(value(&out, "RO_FLAG "), Some("1"));
+    assert_ne!(
+        value(&out, "RO_WRITE "),
+        Some("0"),
+        "a read-only disk took a write"
+    );
+    assert_eq!(value(&out, "RO_READ "), Some("0"));
+
+    assert_ne!(value(&out, "DISCMAX disc-on "), Some("0"));
+    assert_eq!(value(&out, "DISCMAX disc-off "), Some("0"));
+    assert_eq!(value(&out, "WROTE disc-on "), Some("0"));
+    assert_eq!(value(&out, "WROTE disc-off "), Some("0"));
+    assert_eq!(value(&out, "BLKDISCARD disc-on "), Some("0"));
+    assert_ne!(value(&out, "BLKDISCARD disc-off "), Some("0"));
+    let alloc = |s: &str| -> u64 {
+        value(&out, &format!("ALLOC_KIB {s} "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        alloc("disc-on") < 1024,
+        "discard left {} KiB allocated",
+        alloc("disc-on")
+    );
+    assert!(
+        alloc("disc-off") >= 8 * 1024,
+        "the written data is missing: {} KiB",
+        alloc("disc-off")
+    );
+
+    assert_eq!(value(&out, "MQ "), Some("2"));
+    assert_eq!(value(&out, "FIO mq "), Some("0"));
+}
