@@ -51,9 +51,9 @@ pub enum BlockError {
     /// A write-type request on a read-only disk.
     #[error("the disk is read-only")]
     ReadOnly,
-    /// Linux AIO is not there yet.
-    #[error("aio=native is not implemented yet; use aio=threads or aio=io_uring")]
-    NativeAioNotImplemented,
+    /// Linux AIO could not be set up (fs.aio-max-nr reached, seccomp).
+    #[error("cannot set up Linux AIO (io_setup): {0}; raise fs.aio-max-nr or use aio=io_uring or aio=threads")]
+    NativeAioSetup(#[source] io::Error),
     /// Linux AIO without O_DIRECT would block in io_submit.
     #[error("aio=native needs O_DIRECT: use cache=none or cache=directsync, or pick aio=threads or aio=io_uring")]
     NativeAioNeedsDirect,
@@ -105,12 +105,6 @@ pub enum BlockError {
         path: PathBuf,
         /// Which feature.
         feature: String,
-    },
-    /// Guest I/O on qcow2 images is not there yet.
-    #[error("{path}: guest I/O on qcow2 images is not implemented yet; convert it with `qemu-img convert -O raw` or use a raw image")]
-    Qcow2IoNotImplemented {
-        /// Image path.
-        path: PathBuf,
     },
     /// The backing chain is longer than the limit (or loops).
     #[error("{path}: backing chain deeper than {limit} images (or a loop)")]

@@ -1,9 +1,12 @@
 //! The format seam: what a disk image looks like to the request pipeline.
 //!
-//! A driver tells the pipeline the guest-visible geometry and where guest bytes live in the
-//! host file. Raw maps guest offset `x` to host offset `x`; qcow2 (next) will map through its
-//! L1/L2 tables and allocate on write.
+//! A driver tells the pipeline the guest-visible geometry and maps guest ranges to host
+//! ranges ([`FormatDriver::map`]): a mapped range goes to the engine at its host offset.
+//! Ranges that do not map to one contiguous, writable host range (qcow2 holes, zero,
+//! compressed and backing-file clusters, allocating writes) take the driver's synchronous
+//! path; raw maps everything (guest offset `x` is host offset `x`).
 
+use std::io;
 use std::os::fd::RawFd;
 
 use crate::options::Format;
@@ -16,12 +19,26 @@ pub trait FormatDriver: Send {
     fn size(&self) -> u64;
     /// Host descriptor that holds the guest data.
     fn data_fd(&self) -> RawFd;
-    /// Host offset of guest byte `offset` (identity for raw).
-    fn host_offset(&self, offset: u64) -> u64;
     /// Guest-visible logical block size.
     fn logical_block_size(&self) -> u32;
     /// Guest-visible physical block size.
     fn physical_block_size(&self) -> u32;
     /// Whether discard can free host space.
     fn supports_discard(&self) -> bool;
+    /// Whether discard and write-zeroes are host fallocates at the mapped offset (raw).
+    fn falloc_passthrough(&self) -> bool {
+        false
+    }
+    /// Host offset of guest `offset` when `[offset, offset+len)` is one contiguous host range
+    /// the engine may read (or, with `write`, overwrite in place); `None` sends the request to
+    /// the synchronous path.
+    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Option<u64>>;
+    /// Synchronous read of guest bytes.
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Synchronous write of guest bytes (allocating as needed).
+    fn write_sync(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Synchronous zeroing; `unmap` allows releasing host space.
+    fn zero_sync(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// Make everything written through the synchronous path durable.
+    fn sync(&mut self) -> io::Result<()>;
 }

@@ -21,7 +21,7 @@ pub enum Preallocation {
     /// Sparse.
     #[default]
     Off,
-    /// qcow2 only: metadata allocated up front (not implemented yet).
+    /// qcow2 only: metadata allocated up front (qcow2 preallocation not implemented yet).
     Metadata,
     /// Space reserved with fallocate.
     Falloc,

@@ -117,8 +117,8 @@ impl CacheMode {
     }
 }
 
-/// Default number of worker threads of the threads engine.
-pub const DEFAULT_THREADS: usize = 4;
+/// Default largest number of worker threads of the threads engine (QEMU's thread pool limit).
+pub const DEFAULT_THREADS: usize = 64;
 /// Default io_uring submission queue size.
 pub const DEFAULT_URING_ENTRIES: u32 = 128;
 
@@ -139,9 +139,11 @@ pub struct DiskOptions {
     pub discard: bool,
     /// Take QEMU-compatible OFD locks on the image.
     pub locking: bool,
-    /// Worker threads for `aio=threads`.
+    /// Most worker threads for `aio=threads` (started on demand).
     pub threads: usize,
-    /// Ring size for `aio=io_uring`.
+    /// qcow2 L2 table cache size in bytes (QEMU's `l2-cache-size`).
+    pub l2_cache_size: u64,
+    /// Ring size for `aio=io_uring`, and AIO context size (io_setup nr_events) for `aio=native`.
     pub uring_entries: u32,
 }
 
@@ -159,6 +161,7 @@ impl DiskOptions {
             locking: true,
             threads: DEFAULT_THREADS,
             uring_entries: DEFAULT_URING_ENTRIES,
+            l2_cache_size: crate::qcow2::driver::DEFAULT_L2_CACHE_SIZE,
         }
     }
 }

@@ -85,9 +85,6 @@ impl FormatDriver for RawDriver {
     fn data_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
-    fn host_offset(&self, offset: u64) -> u64 {
-        offset
-    }
     fn logical_block_size(&self) -> u32 {
         self.logical
     }
@@ -96,6 +93,40 @@ impl FormatDriver for RawDriver {
     }
     fn supports_discard(&self) -> bool {
         true
+    }
+    fn falloc_passthrough(&self) -> bool {
+        true
+    }
+    fn map(&mut self, offset: u64, _len: u64, _write: bool) -> io::Result<Option<u64>> {
+        Ok(Some(offset))
+    }
+    // The pipeline never takes the synchronous path for raw (everything maps); these serve
+    // callers that want plain blocking I/O.
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_sync(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, offset)
+    }
+    fn zero_sync(&mut self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        // SAFETY: plain syscall on an open descriptor.
+        let r = unsafe {
+            libc::fallocate64(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
     }
 }
 

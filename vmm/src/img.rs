@@ -23,6 +23,8 @@ pub enum ImgCommand {
         /// Virtual size, e.g. 10G, 512M, 4096 (optional with a backing file).
         size: Option<String>,
     },
+    /// Time I/O on an image through Platter's block layer (qemu-img bench's options).
+    Bench(crate::img_bench::BenchArgs),
     /// Show format, virtual and allocated size and the backing chain.
     Info {
         /// The image file.
@@ -54,6 +56,7 @@ pub fn run(cmd: ImgCommand) -> Result<(), String> {
             println!("Formatting '{}', fmt={format} size={size}", file.display());
             Ok(())
         }
+        ImgCommand::Bench(args) => crate::img_bench::run(args),
         ImgCommand::Info { file } => {
             let info = img::info(&file).map_err(|e| e.to_string())?;
             print!("{info}");

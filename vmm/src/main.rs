@@ -6,6 +6,7 @@ mod cpu;
 mod disks;
 mod hostcheck;
 mod img;
+mod img_bench;
 mod input;
 mod irq;
 mod layout;

@@ -36,6 +36,7 @@ use crate::engine::{new_engine, Engine, EngineCompletion, EngineOp, IoVecs, OpKi
 use crate::format::FormatDriver;
 use crate::lock::ImageLock;
 use crate::options::{CacheMode, DiskOptions, Format};
+use crate::qcow2::Qcow2Driver;
 use crate::raw::{direct_io_alignment, RawDriver};
 use crate::sg::{AlignedBuf, SgList};
 use crate::BlockError;
@@ -170,11 +171,8 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         }
     };
     if format == Format::Qcow2 {
-        // Validate the header so users get the precise complaint first.
+        // Validate the header so users get the precise complaint before any lock conflict.
         crate::qcow2::Qcow2Header::read_path(&opts.path)?;
-        return Err(BlockError::Qcow2IoNotImplemented {
-            path: opts.path.clone(),
-        });
     }
     let direct = opts.cache.direct();
     let file = open_file(&opts.path, opts.readonly, direct)?;
@@ -188,14 +186,28 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
     } else {
         (1, 1)
     };
-    let driver = RawDriver::new(file, req_align).map_err(|source| BlockError::Open {
-        path: opts.path.clone(),
-        source,
-    })?;
+    let driver: Box<dyn FormatDriver> = match format {
+        Format::Raw => {
+            Box::new(
+                RawDriver::new(file, req_align).map_err(|source| BlockError::Open {
+                    path: opts.path.clone(),
+                    source,
+                })?,
+            )
+        }
+        Format::Qcow2 => Box::new(Qcow2Driver::open(
+            &opts.path,
+            file,
+            opts.readonly,
+            opts.l2_cache_size,
+            req_align,
+            0,
+        )?),
+    };
     Ok(Disk {
         engine,
         inflight: HashMap::new(),
-        driver: Box::new(driver),
+        driver,
         _lock: lock,
         evt,
         cache: opts.cache,
@@ -359,9 +371,12 @@ impl Disk {
                 let len = buf.len() as u64;
                 (*offset, len, offset % a != 0 || len % a != 0)
             }
-            RequestOp::Discard { offset, len } | RequestOp::WriteZeroes { offset, len, .. } => {
-                (*offset, *len, false)
-            }
+            // Formats that zero partial blocks by read-modify-write need them to themselves.
+            RequestOp::Discard { offset, len } | RequestOp::WriteZeroes { offset, len, .. } => (
+                *offset,
+                *len,
+                !self.driver.falloc_passthrough() && (offset % a != 0 || len % a != 0),
+            ),
             RequestOp::Read { .. } | RequestOp::Flush => return None,
         };
         if len == 0 {
@@ -433,7 +448,14 @@ impl Disk {
                 if len == 0 {
                     return self.complete(id, Ok(0));
                 }
-                let host = self.driver.host_offset(offset);
+                let start = align_down(offset, a);
+                let end = align_up(offset + len as u64, a);
+                let base = match self.driver.map(start, end - start, false) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => return self.read_sync(id, offset, buf),
+                    Err(e) => return self.complete(id, Err(BlockError::Io(e))),
+                };
+                let host = base + (offset - start);
                 if offset % a == 0
                     && len as u64 % a == 0
                     && buf.is_aligned(self.mem_align, a as usize)
@@ -448,8 +470,6 @@ impl Disk {
                         None,
                     );
                 } else {
-                    let start = align_down(offset, a);
-                    let end = align_up(offset + len as u64, a);
                     let bounce = AlignedBuf::new((end - start) as usize, self.bounce_align());
                     let skip = (offset - start) as usize;
                     let total = bounce.len();
@@ -457,7 +477,7 @@ impl Disk {
                         id,
                         false,
                         XferBuf::Bounce(bounce),
-                        self.driver.host_offset(start),
+                        base,
                         total,
                         Then::CopyOut { sg: buf, skip, len },
                         None,
@@ -469,7 +489,14 @@ impl Disk {
                 if len == 0 {
                     return self.complete(id, Ok(0));
                 }
-                let host = self.driver.host_offset(offset);
+                let start = align_down(offset, a);
+                let end = align_up(offset + len as u64, a);
+                let base = match self.driver.map(start, end - start, true) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => return self.write_sync(id, offset, buf),
+                    Err(e) => return self.complete(id, Err(BlockError::Io(e))),
+                };
+                let host = base + (offset - start);
                 if offset % a == 0 && len as u64 % a == 0 {
                     if buf.is_aligned(self.mem_align, a as usize) {
                         self.begin_write(id, XferBuf::Guest(buf), host, len, None);
@@ -479,7 +506,7 @@ impl Disk {
                         self.begin_write(id, XferBuf::Bounce(bounce), host, len, Some(buf));
                     }
                 } else {
-                    self.begin_rmw(id, offset, buf);
+                    self.begin_rmw(id, offset, buf, base);
                 }
             }
             RequestOp::Flush => {
@@ -493,6 +520,9 @@ impl Disk {
                 if !self.supports_discard() || len == 0 {
                     return self.complete(id, Ok(len as usize));
                 }
+                if !self.driver.falloc_passthrough() {
+                    return self.zero_sync(id, offset, len, true);
+                }
                 self.begin_falloc(
                     id,
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -504,6 +534,9 @@ impl Disk {
             RequestOp::WriteZeroes { offset, len, unmap } => {
                 if len == 0 {
                     return self.complete(id, Ok(0));
+                }
+                if !self.driver.falloc_passthrough() {
+                    return self.zero_sync(id, offset, len, unmap && self.supports_discard());
                 }
                 let mode = if unmap && self.supports_discard() {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
@@ -572,13 +605,12 @@ impl Disk {
     }
 
     /// Unaligned write: read the partial head and tail blocks, then patch and write.
-    fn begin_rmw(&mut self, id: u64, offset: u64, sg: SgList) {
+    fn begin_rmw(&mut self, id: u64, offset: u64, sg: SgList, host_off: u64) {
         let a = self.req_align;
         let len = sg.len() as u64;
         let start = align_down(offset, a);
         let end = align_up(offset + len, a);
         let buf = AlignedBuf::new((end - start) as usize, self.bounce_align());
-        let host_off = self.driver.host_offset(start);
         let mut reads = Vec::new();
         if offset != start {
             reads.push(0u64);
@@ -625,15 +657,43 @@ impl Disk {
                 sync_after,
             },
         );
-        let host = self.driver.host_offset(offset);
-        self.send(
-            id,
-            OpKind::Fallocate {
-                mode,
-                offset: host,
-                len,
-            },
-        );
+        // Only raw passes fallocate through, and raw's host offsets are guest offsets.
+        self.send(id, OpKind::Fallocate { mode, offset, len });
+    }
+
+    /// The synchronous path: the driver does the I/O on this thread, the request completes at
+    /// once (its eventfd signal goes out at the end of `submit`).
+    fn finish_sync(&mut self, id: u64, len: usize, r: io::Result<()>) {
+        let r = r.and_then(|()| {
+            if self.dsync() {
+                self.driver.sync()
+            } else {
+                Ok(())
+            }
+        });
+        self.complete(id, r.map(|()| len).map_err(BlockError::Io));
+    }
+
+    fn read_sync(&mut self, id: u64, offset: u64, sg: SgList) {
+        let mut buf = vec![0u8; sg.len()];
+        let r = self.driver.read_sync(offset, &mut buf);
+        if r.is_ok() {
+            sg.copy_from(0, &buf);
+        }
+        let r = r.map(|()| sg.len()).map_err(BlockError::Io);
+        self.complete(id, r);
+    }
+
+    fn write_sync(&mut self, id: u64, offset: u64, sg: SgList) {
+        let mut buf = vec![0u8; sg.len()];
+        sg.copy_to(0, &mut buf);
+        let r = self.driver.write_sync(offset, &buf);
+        self.finish_sync(id, buf.len(), r);
+    }
+
+    fn zero_sync(&mut self, id: u64, offset: u64, len: u64, unmap: bool) {
+        let r = self.driver.zero_sync(offset, len, unmap);
+        self.finish_sync(id, len as usize, r);
     }
 
     fn on_engine_completion(&mut self, c: EngineCompletion) {

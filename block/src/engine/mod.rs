@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::options::{AioMode, DiskOptions};
 use crate::BlockError;
 
+pub mod native;
 pub mod threads;
 pub mod uring;
 
@@ -105,7 +106,7 @@ pub fn new_engine(opts: &DiskOptions, evt: EventFd) -> Result<Box<dyn Engine>, B
         AioMode::Threads => Box::new(threads::ThreadsEngine::new(evt, opts.threads)?),
         AioMode::IoUring => Box::new(uring::UringEngine::new(evt, opts.uring_entries)?),
         AioMode::Native if !opts.cache.direct() => return Err(BlockError::NativeAioNeedsDirect),
-        AioMode::Native => return Err(BlockError::NativeAioNotImplemented),
+        AioMode::Native => Box::new(native::NativeEngine::new(evt, opts.uring_entries)?),
     })
 }
 

@@ -9,7 +9,7 @@
 //!  ...    : L1 table (zeroed: every cluster unallocated)
 //! ```
 //!
-//! Spec: QEMU docs/interop/qcow2.txt. Guest data I/O is not implemented yet.
+//! Spec: QEMU docs/interop/qcow2.txt. Guest data I/O: [`driver`].
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -17,6 +17,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::BlockError;
+
+pub mod driver;
+
+pub use driver::Qcow2Driver;
 
 /// `QFI\xfb`.
 pub const QCOW2_MAGIC: u32 = 0x5146_49fb;
@@ -39,11 +43,11 @@ const V2_HEADER_LEN: u32 = 72;
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
-const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTL2: u64 = 1 << 4;
+pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub(crate) const INCOMPAT_EXTL2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 

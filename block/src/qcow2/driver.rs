@@ -1,0 +1,915 @@
+//! qcow2 guest I/O: the L1/L2 mapping with an L2 cache, cluster allocation with refcounts,
+//! backing files, zero and compressed clusters, discard.
+//!
+//! ```text
+//!  guest offset ─┬─ l1 index = off >> (cluster_bits + l2_bits)   L1 (in memory, written through)
+//!                ├─ l2 index = (off >> cluster_bits) & (l2 entries - 1)   L2 (LRU cache)
+//!                └─ in-cluster offset
+//!  L2 entry: bit 63 COPIED (refcount 1) · bit 62 compressed · bits 9..55 host offset · bit 0 zero
+//!  compressed: bits 0..x-1 host byte offset, x..61 (512-byte sectors - 1), x = 62 - (cluster_bits - 8)
+//! ```
+//!
+//! Requests whose range maps to one contiguous run of allocated, exclusively owned (COPIED)
+//! data clusters go to the engine at their host offset ([`FormatDriver::map`]). Everything
+//! else runs synchronously here on a buffered descriptor: reads of holes, zero clusters,
+//! backing data and compressed clusters, allocating writes (copy-on-write of the rest of the
+//! cluster), discard and write-zeroes. Metadata is written through at once, in the order
+//! refcount → data → L2/L1 entry, so a crash leaks clusters at worst, never points at
+//! unowned ones; no lazy refcounts, so the dirty bit is never set by us.
+//!
+//! Refused, with a message: read-write opens of images marked corrupt or dirty (their
+//! refcounts need `qemu-img check -r all`), or with internal snapshots; extended L2 entries,
+//! external data files, encryption and zstd compression in any mode. Detected corruption
+//! (misaligned or out-of-file metadata offsets) sets the corrupt bit, as the spec asks.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{
+    resolve_backing, Qcow2Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
+    INCOMPAT_EXTL2,
+};
+use crate::format::FormatDriver;
+use crate::options::Format;
+use crate::raw::DEFAULT_LOGICAL_BLOCK_SIZE;
+use crate::sg::AlignedBuf;
+use crate::BlockError;
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const ZERO: u64 = 1;
+const HEADER_INCOMPAT: u64 = 72;
+const HEADER_AUTOCLEAR: u64 = 88;
+/// Default L2 cache size (QEMU's default maximum on Linux).
+pub const DEFAULT_L2_CACHE_SIZE: u64 = 32 << 20;
+
+/// What one guest cluster is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cluster {
+    /// Not allocated here: backing file or zeroes.
+    Unallocated,
+    /// Reads as zeroes; may keep a preallocated host cluster.
+    Zero { host: Option<u64>, copied: bool },
+    /// Data at `host`; `copied` means we own it alone and may write in place.
+    Data { host: u64, copied: bool },
+    /// Deflate stream of `len` bytes at host byte `off`.
+    Compressed { off: u64, len: u64 },
+}
+
+/// Something readable that backs an image.
+trait Backing: Send {
+    fn size(&self) -> u64;
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+struct RawBacking {
+    file: File,
+    size: u64,
+}
+
+impl Backing for RawBacking {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        pread_zero_tail(&self.file, off, buf)
+    }
+}
+
+impl Backing for Qcow2Driver {
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_sync(off, buf)
+    }
+}
+
+/// Read `buf` at `off`; bytes past the end of the file read as zeroes.
+fn pread_zero_tail(file: &File, mut off: u64, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, off) {
+            Ok(0) => {
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                off += n as u64;
+                buf = &mut buf[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn punch(file: &impl AsRawFd, off: u64, len: u64) {
+    // SAFETY: plain syscall on an open descriptor.
+    let r = unsafe {
+        libc::fallocate64(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
+    };
+    if r < 0 {
+        log::debug!(
+            "qcow2: punching freed cluster: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// The image file for metadata and the synchronous data path. With O_DIRECT (`align` > 1)
+/// every access goes through an aligned bounce buffer, read-modify-write for unaligned
+/// writes: mixing buffered and direct I/O on one file makes the kernel fail direct writes
+/// ("Page cache invalidation failure on direct I/O") and report EIO on the next fdatasync.
+struct HostFile {
+    file: File,
+    align: u64,
+}
+
+impl HostFile {
+    fn bounds(&self, off: u64, len: usize) -> (u64, u64) {
+        let a = self.align;
+        (off - off % a, (off + len as u64).div_ceil(a) * a)
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.align == 1 {
+            return pread_zero_tail(&self.file, off, buf);
+        }
+        let (s, e) = self.bounds(off, buf.len());
+        let mut b = AlignedBuf::new((e - s) as usize, BOUNCE_ALIGN);
+        pread_zero_tail(&self.file, s, b.as_mut_slice())?;
+        let at = (off - s) as usize;
+        buf.copy_from_slice(&b.as_slice()[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> io::Result<()> {
+        if self.align == 1 {
+            return self.file.write_all_at(data, off);
+        }
+        let (s, e) = self.bounds(off, data.len());
+        let mut b = AlignedBuf::new((e - s) as usize, BOUNCE_ALIGN);
+        if s != off || e != off + data.len() as u64 {
+            pread_zero_tail(&self.file, s, b.as_mut_slice())?;
+        }
+        let at = (off - s) as usize;
+        b.as_mut_slice()[at..at + data.len()].copy_from_slice(data);
+        self.file.write_all_at(b.as_slice(), s)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+impl AsRawFd for HostFile {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Bounce buffer alignment: a page satisfies every O_DIRECT memory alignment.
+const BOUNCE_ALIGN: usize = 4096;
+
+/// A small LRU of tables keyed by host offset.
+struct TableCache<T> {
+    map: HashMap<u64, T>,
+    order: VecDeque<u64>,
+    cap: usize,
+}
+
+impl<T> TableCache<T> {
+    fn new(cap: usize) -> Self {
+        TableCache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn get(&mut self, off: u64) -> Option<&mut T> {
+        self.map.get_mut(&off)
+    }
+
+    fn insert(&mut self, off: u64, t: T) {
+        if self.map.len() >= self.cap {
+            // Approximate LRU: evict in insertion order (tables are written through).
+            while let Some(old) = self.order.pop_front() {
+                if self.map.remove(&old).is_some() {
+                    break;
+                }
+            }
+        }
+        self.order.push_back(off);
+        self.map.insert(off, t);
+    }
+}
+
+/// An open qcow2 image.
+pub struct Qcow2Driver {
+    path: PathBuf,
+    /// Metadata and the synchronous data path (same open file as `data`).
+    meta: HostFile,
+    /// Descriptor the engine uses (O_DIRECT with cache=none).
+    data: File,
+    header: Qcow2Header,
+    readonly: bool,
+    cluster_bits: u32,
+    cluster: u64,
+    l2_entries: u64,
+    l1: Vec<u64>,
+    l2_cache: TableCache<Vec<u64>>,
+    rc_table: Vec<u64>,
+    rc_cache: TableCache<Vec<u8>>,
+    free_hint: u64,
+    file_len: u64,
+    backing: Option<Box<dyn Backing>>,
+    /// Last decompressed cluster: (host offset of the stream, data).
+    decompressed: Option<(u64, Vec<u8>)>,
+    physical: u32,
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl Qcow2Driver {
+    /// Open the qcow2 image at `path`. `data` is the descriptor for engine I/O (already
+    /// opened and locked by the caller; O_DIRECT when `request_align` > 1), `depth` the
+    /// position in a backing chain.
+    pub fn open(
+        path: &Path,
+        data: File,
+        readonly: bool,
+        l2_cache_size: u64,
+        request_align: usize,
+        depth: usize,
+    ) -> Result<Qcow2Driver, BlockError> {
+        let io = |source| BlockError::ImageIo {
+            path: path.to_path_buf(),
+            source,
+        };
+        let unsupported = |feature: &str| BlockError::UnsupportedQcow2 {
+            path: path.to_path_buf(),
+            feature: feature.to_string(),
+        };
+        // The header through a buffered descriptor (it is read before any direct I/O).
+        let header = Qcow2Header::read_path(path)?;
+        let meta = HostFile {
+            file: data.try_clone().map_err(io)?,
+            align: request_align.max(1) as u64,
+        };
+        if header.cluster_size() < meta.align {
+            return Err(unsupported(&format!(
+                "cluster_size {} below the O_DIRECT alignment {}; use cache=writeback",
+                header.cluster_size(),
+                meta.align
+            )));
+        }
+        if header.crypt_method != 0 {
+            return Err(unsupported("encryption"));
+        }
+        if header.incompatible_features & INCOMPAT_EXTL2 != 0 {
+            return Err(unsupported("extended L2 entries (subclusters)"));
+        }
+        if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            return Err(unsupported("external data file"));
+        }
+        if header.incompatible_features & INCOMPAT_COMPRESSION != 0 {
+            return Err(unsupported("compression type other than deflate (zstd)"));
+        }
+        if !readonly {
+            let repair = |what: &str| {
+                BlockError::UnsupportedQcow2 {
+                path: path.to_path_buf(),
+                feature: format!(
+                    "the image is marked {what}; open it read-only, or repair it with `qemu-img check -r all`"
+                ),
+            }
+            };
+            if header.is_corrupt() {
+                return Err(repair("corrupt"));
+            }
+            if header.is_dirty() {
+                return Err(repair("dirty (refcounts not up to date)"));
+            }
+            if header.nb_snapshots > 0 {
+                return Err(unsupported(
+                    "writing images with internal snapshots; open read-only",
+                ));
+            }
+        }
+        let cluster_bits = header.cluster_bits;
+        let cluster = 1u64 << cluster_bits;
+        let file_len = data.metadata().map_err(io)?.len();
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        meta.read_at(header.l1_table_offset, &mut raw).map_err(io)?;
+        let l1 = raw.chunks(8).map(|c| be64(c, 0)).collect();
+        let mut raw = vec![0u8; (u64::from(header.refcount_table_clusters) * cluster) as usize];
+        meta.read_at(header.refcount_table_offset, &mut raw)
+            .map_err(io)?;
+        let rc_table = raw.chunks(8).map(|c| be64(c, 0)).collect();
+        let backing = match &header.backing_file {
+            None => None,
+            Some(name) => Some(open_backing(
+                path,
+                name,
+                header.backing_format.as_deref(),
+                depth,
+            )?),
+        };
+        let mut d = Qcow2Driver {
+            path: path.to_path_buf(),
+            meta,
+            data,
+            readonly,
+            cluster_bits,
+            cluster,
+            l2_entries: cluster / 8,
+            l1,
+            l2_cache: TableCache::new((l2_cache_size / cluster) as usize),
+            rc_table,
+            rc_cache: TableCache::new(64),
+            free_hint: 0,
+            file_len,
+            backing,
+            decompressed: None,
+            physical: (request_align as u32).max(DEFAULT_LOGICAL_BLOCK_SIZE),
+            header,
+        };
+        if !readonly && d.header.version == 3 && d.header.autoclear_features != 0 {
+            // Autoclear features we do not maintain must be cleared before we write.
+            d.meta
+                .write_at(HEADER_AUTOCLEAR, &0u64.to_be_bytes())
+                .map_err(io)?;
+            d.header.autoclear_features = 0;
+        }
+        Ok(d)
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Qcow2Header {
+        &self.header
+    }
+
+    /// Mark the image corrupt (when writable) and build the error to return.
+    fn corrupt(&mut self, what: String) -> io::Error {
+        log::error!("{}: qcow2 metadata corrupt: {what}", self.path.display());
+        if !self.readonly {
+            let bits = self.header.incompatible_features | INCOMPAT_CORRUPT;
+            if self
+                .meta
+                .write_at(HEADER_INCOMPAT, &bits.to_be_bytes())
+                .is_ok()
+            {
+                self.header.incompatible_features = bits;
+                self.readonly = true;
+            }
+        }
+        io::Error::other(format!(
+            "{}: qcow2 image is corrupt ({what}); marked corrupt, repair with `qemu-img check -r all`",
+            self.path.display()
+        ))
+    }
+
+    fn check_host(&mut self, what: &str, off: u64) -> io::Result<u64> {
+        if off % self.cluster != 0 {
+            return Err(self.corrupt(format!("{what} offset {off:#x} is not cluster aligned")));
+        }
+        Ok(off)
+    }
+
+    fn l2_table(&mut self, l2_off: u64) -> io::Result<&mut Vec<u64>> {
+        if self.l2_cache.get(l2_off).is_none() {
+            if l2_off + self.cluster > self.file_len {
+                return Err(self.corrupt(format!("L2 table at {l2_off:#x} is past the end")));
+            }
+            let mut raw = vec![0u8; self.cluster as usize];
+            self.meta.read_at(l2_off, &mut raw)?;
+            let t = raw.chunks(8).map(|c| be64(c, 0)).collect();
+            self.l2_cache.insert(l2_off, t);
+        }
+        Ok(self.l2_cache.get(l2_off).expect("just inserted"))
+    }
+
+    fn indices(&self, guest: u64) -> (usize, usize) {
+        let c = guest >> self.cluster_bits;
+        (
+            (c / self.l2_entries) as usize,
+            (c % self.l2_entries) as usize,
+        )
+    }
+
+    fn l2_offset(&mut self, l1i: usize) -> io::Result<u64> {
+        let e = self.l1[l1i];
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        self.check_host("L2 table", off)
+    }
+
+    fn lookup(&mut self, guest: u64) -> io::Result<Cluster> {
+        let (l1i, l2i) = self.indices(guest);
+        let l2_off = self.l2_offset(l1i)?;
+        if l2_off == 0 {
+            return Ok(Cluster::Unallocated);
+        }
+        let e = self.l2_table(l2_off)?[l2i];
+        let copied = e & COPIED != 0;
+        if e & COMPRESSED != 0 {
+            let x = 62 - (self.cluster_bits - 8);
+            let off = e & ((1u64 << x) - 1);
+            let sectors = ((e & !(COPIED | COMPRESSED)) >> x) + 1;
+            let len = sectors * 512 - (off & 511);
+            return Ok(Cluster::Compressed { off, len });
+        }
+        let host = e & OFFSET_MASK;
+        if self.header.version >= 3 && e & ZERO != 0 {
+            let host = if host == 0 {
+                None
+            } else {
+                Some(self.check_host("zero cluster", host)?)
+            };
+            return Ok(Cluster::Zero { host, copied });
+        }
+        if host == 0 {
+            return Ok(Cluster::Unallocated);
+        }
+        let host = self.check_host("data cluster", host)?;
+        Ok(Cluster::Data { host, copied })
+    }
+
+    fn set_l2(&mut self, guest: u64, entry: u64) -> io::Result<()> {
+        let (l1i, l2i) = self.indices(guest);
+        let mut l2_off = self.l2_offset(l1i)?;
+        if l2_off == 0 {
+            l2_off = self.alloc_cluster()?;
+            self.meta
+                .write_at(l2_off, &vec![0u8; self.cluster as usize])?;
+            self.l2_cache
+                .insert(l2_off, vec![0u64; self.l2_entries as usize]);
+            let l1e = l2_off | COPIED;
+            self.meta.write_at(
+                self.header.l1_table_offset + l1i as u64 * 8,
+                &l1e.to_be_bytes(),
+            )?;
+            self.l1[l1i] = l1e;
+        }
+        self.l2_table(l2_off)?[l2i] = entry;
+        self.meta
+            .write_at(l2_off + l2i as u64 * 8, &entry.to_be_bytes())
+    }
+
+    // Refcounts. A block holds cluster * 8 / width entries.
+
+    fn rc_per_block_bits(&self) -> u32 {
+        self.cluster_bits + 3 - self.header.refcount_order
+    }
+
+    fn rc_block(&mut self, off: u64) -> io::Result<&mut Vec<u8>> {
+        if self.rc_cache.get(off).is_none() {
+            let mut raw = vec![0u8; self.cluster as usize];
+            self.meta.read_at(off, &mut raw)?;
+            self.rc_cache.insert(off, raw);
+        }
+        Ok(self.rc_cache.get(off).expect("just inserted"))
+    }
+
+    fn rc_get_in(block: &[u8], i: u64, order: u32) -> u64 {
+        let bits = 1u64 << order;
+        if bits >= 8 {
+            let n = (bits / 8) as usize;
+            let at = i as usize * n;
+            block[at..at + n]
+                .iter()
+                .fold(0u64, |a, &b| (a << 8) | u64::from(b))
+        } else {
+            let per = 8 / bits;
+            let byte = block[(i / per) as usize];
+            // Sub-byte refcounts are packed starting at the least significant bit.
+            let shift = (i % per) * bits;
+            (u64::from(byte) >> shift) & ((1 << bits) - 1)
+        }
+    }
+
+    fn rc_set_in(block: &mut [u8], i: u64, order: u32, v: u64) {
+        let bits = 1u64 << order;
+        if bits >= 8 {
+            let n = (bits / 8) as usize;
+            let at = i as usize * n;
+            for (k, b) in block[at..at + n].iter_mut().enumerate() {
+                *b = (v >> (8 * (n - 1 - k))) as u8;
+            }
+        } else {
+            let per = 8 / bits;
+            let at = (i / per) as usize;
+            let shift = (i % per) * bits;
+            let mask = ((1u64 << bits) - 1) << shift;
+            block[at] = ((u64::from(block[at]) & !mask) | ((v << shift) & mask)) as u8;
+        }
+    }
+
+    /// Refcount of host cluster `idx` (0 when no refcount block covers it).
+    fn refcount(&mut self, idx: u64) -> io::Result<u64> {
+        let per_bits = self.rc_per_block_bits();
+        let ti = (idx >> per_bits) as usize;
+        let Some(&rb) = self.rc_table.get(ti) else {
+            return Ok(0);
+        };
+        let rb = rb & OFFSET_MASK;
+        if rb == 0 {
+            return Ok(0);
+        }
+        let order = self.header.refcount_order;
+        let i = idx & ((1 << per_bits) - 1);
+        Ok(Self::rc_get_in(self.rc_block(rb)?, i, order))
+    }
+
+    /// Set the refcount of `idx`, whose refcount block must exist.
+    fn set_refcount(&mut self, idx: u64, v: u64) -> io::Result<()> {
+        let per_bits = self.rc_per_block_bits();
+        let ti = (idx >> per_bits) as usize;
+        let rb = self.rc_table.get(ti).copied().unwrap_or(0) & OFFSET_MASK;
+        if rb == 0 {
+            return Err(self.corrupt(format!("no refcount block for cluster {idx}")));
+        }
+        let order = self.header.refcount_order;
+        if v >> (1u64 << order).min(63) != 0 {
+            return Err(io::Error::other("refcount overflow"));
+        }
+        let i = idx & ((1 << per_bits) - 1);
+        let block = self.rc_block(rb)?;
+        Self::rc_set_in(block, i, order, v);
+        // Write back the 8-byte-aligned word holding the entry.
+        let byte = ((i << order) / 8) & !7;
+        let word: [u8; 8] = block[byte as usize..byte as usize + 8]
+            .try_into()
+            .expect("8 bytes");
+        self.meta.write_at(rb + byte, &word)
+    }
+
+    /// Allocate one host cluster (refcount 1), reusing freed ones first. The cluster's
+    /// contents are unspecified (holes when appended or freed by us).
+    fn alloc_cluster(&mut self) -> io::Result<u64> {
+        let per_bits = self.rc_per_block_bits();
+        let mut idx = self.free_hint;
+        loop {
+            let ti = (idx >> per_bits) as usize;
+            if ti >= self.rc_table.len() {
+                return Err(io::Error::other(
+                    "qcow2 refcount table is full; growing it is not implemented (use a larger cluster_size)",
+                ));
+            }
+            if self.rc_table[ti] & OFFSET_MASK == 0 {
+                // No refcount block for this range: every cluster in it is free. Put the new
+                // block in its own first free cluster, counting itself.
+                let block_off = idx << self.cluster_bits;
+                let mut block = vec![0u8; self.cluster as usize];
+                let order = self.header.refcount_order;
+                Self::rc_set_in(&mut block, idx & ((1 << per_bits) - 1), order, 1);
+                self.meta.write_at(block_off, &block)?;
+                self.file_len = self.file_len.max(block_off + self.cluster);
+                self.rc_cache.insert(block_off, block);
+                self.meta.write_at(
+                    self.header.refcount_table_offset + ti as u64 * 8,
+                    &block_off.to_be_bytes(),
+                )?;
+                self.rc_table[ti] = block_off;
+                idx += 1;
+                continue;
+            }
+            if self.refcount(idx)? == 0 {
+                self.set_refcount(idx, 1)?;
+                self.free_hint = idx + 1;
+                let off = idx << self.cluster_bits;
+                if off < self.file_len {
+                    // A free cluster inside the file may hold stale bytes; callers rely on
+                    // new clusters reading as zeroes.
+                    punch(&self.meta, off, self.cluster);
+                }
+                if off + self.cluster > self.file_len {
+                    self.meta.set_len(off + self.cluster)?;
+                    self.file_len = off + self.cluster;
+                }
+                return Ok(off);
+            }
+            idx += 1;
+        }
+    }
+
+    /// Drop one reference to host cluster `idx`; punch it when it becomes free.
+    fn release(&mut self, idx: u64) -> io::Result<()> {
+        let r = self.refcount(idx)?;
+        if r == 0 {
+            return Err(self.corrupt(format!("freeing cluster {idx} with refcount 0")));
+        }
+        self.set_refcount(idx, r - 1)?;
+        if r == 1 {
+            self.free_hint = self.free_hint.min(idx);
+            punch(&self.meta, idx << self.cluster_bits, self.cluster);
+        }
+        Ok(())
+    }
+
+    /// Release what a cluster entry owned.
+    fn release_cluster(&mut self, c: Cluster) -> io::Result<()> {
+        match c {
+            Cluster::Data { host, .. }
+            | Cluster::Zero {
+                host: Some(host), ..
+            } => self.release(host >> self.cluster_bits),
+            Cluster::Compressed { off, len } => {
+                let first = off >> self.cluster_bits;
+                let last = (off + len - 1) >> self.cluster_bits;
+                for idx in first..=last {
+                    self.release(idx)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn decompress(&mut self, off: u64, len: u64) -> io::Result<&[u8]> {
+        if self.decompressed.as_ref().map(|(o, _)| *o) != Some(off) {
+            let mut input = vec![0u8; len as usize];
+            self.meta.read_at(off, &mut input)?;
+            let out = miniz_oxide::inflate::decompress_to_vec_with_limit(
+                &input,
+                self.cluster as usize,
+            )
+            .map_err(|e| io::Error::other(format!("compressed cluster at {off:#x}: {e:?}")))?;
+            let mut out = out;
+            out.resize(self.cluster as usize, 0);
+            self.decompressed = Some((off, out));
+        }
+        Ok(&self.decompressed.as_ref().expect("just set").1)
+    }
+
+    /// Read guest bytes of one cluster (`buf` does not cross a cluster boundary).
+    fn read_piece(&mut self, guest: u64, buf: &mut [u8]) -> io::Result<()> {
+        let within = guest & (self.cluster - 1);
+        match self.lookup(guest)? {
+            Cluster::Unallocated => match &mut self.backing {
+                Some(b) => {
+                    let bsize = b.size();
+                    let n = bsize.saturating_sub(guest).min(buf.len() as u64) as usize;
+                    b.read_at(guest, &mut buf[..n])?;
+                    buf[n..].fill(0);
+                    Ok(())
+                }
+                None => {
+                    buf.fill(0);
+                    Ok(())
+                }
+            },
+            Cluster::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Cluster::Data { host, .. } => self.meta.read_at(host + within, buf),
+            Cluster::Compressed { off, len } => {
+                let data = self.decompress(off, len)?;
+                buf.copy_from_slice(&data[within as usize..within as usize + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Write guest bytes of one cluster, allocating (and copying the rest of the cluster's
+    /// old contents) when it is not an owned data cluster.
+    fn write_piece(&mut self, guest: u64, data: &[u8]) -> io::Result<()> {
+        let within = guest & (self.cluster - 1);
+        let cstart = guest - within;
+        let old = self.lookup(guest)?;
+        match old {
+            Cluster::Data { host, copied: true } => {
+                return self.meta.write_at(host + within, data);
+            }
+            Cluster::Zero {
+                host: Some(host),
+                copied: true,
+            } => {
+                // Preallocated zero cluster: zero it, write, then drop the zero flag.
+                let mut full = vec![0u8; self.cluster as usize];
+                full[within as usize..within as usize + data.len()].copy_from_slice(data);
+                self.meta.write_at(host, &full)?;
+                return self.set_l2(guest, host | COPIED);
+            }
+            _ => {}
+        }
+        let zero_rest = match old {
+            Cluster::Unallocated => self.backing.is_none(),
+            Cluster::Zero { .. } => true,
+            _ => false,
+        };
+        let whole = data.len() as u64 == self.cluster;
+        let host = self.alloc_cluster()?;
+        if whole {
+            self.meta.write_at(host, data)?;
+        } else if zero_rest {
+            // The new cluster reads as zeroes (appended or punched when freed).
+            self.meta.write_at(host + within, data)?;
+        } else {
+            let mut full = vec![0u8; self.cluster as usize];
+            self.read_piece(cstart, &mut full)?;
+            full[within as usize..within as usize + data.len()].copy_from_slice(data);
+            self.meta.write_at(host, &full)?;
+        }
+        self.set_l2(guest, host | COPIED)?;
+        self.release_cluster(old)
+    }
+
+    /// Zero or discard one cluster piece.
+    fn zero_piece(&mut self, guest: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let old = self.lookup(guest)?;
+        let reads_zero = match old {
+            Cluster::Unallocated => self.backing.is_none(),
+            Cluster::Zero { .. } => true,
+            _ => false,
+        };
+        if reads_zero {
+            return Ok(());
+        }
+        if len < self.cluster {
+            return self.write_piece(guest, &vec![0u8; len as usize]);
+        }
+        let v3 = self.header.version >= 3;
+        let new = match old {
+            Cluster::Data { host, copied: true } if !unmap && v3 => host | COPIED | ZERO,
+            _ if self.backing.is_none() => 0,
+            _ if v3 => ZERO,
+            // v2 has no zero flag: with a backing file the zeroes must be written.
+            _ => return self.write_piece(guest, &vec![0u8; len as usize]),
+        };
+        self.set_l2(guest, new)?;
+        if new & OFFSET_MASK == 0 {
+            self.release_cluster(old)?;
+        } else {
+            punch(&self.meta, new & OFFSET_MASK, self.cluster);
+        }
+        Ok(())
+    }
+
+    /// Split `[offset, offset+len)` at cluster boundaries.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let c = self.cluster;
+        let end = offset + len;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let n = (c - at % c).min(end - at);
+            let p = (at, n);
+            at += n;
+            Some(p)
+        })
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.readonly {
+            return Err(io::Error::other(format!(
+                "{}: qcow2 image is read-only (marked corrupt?)",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn open_backing(
+    image: &Path,
+    name: &str,
+    fmt: Option<&str>,
+    depth: usize,
+) -> Result<Box<dyn Backing>, BlockError> {
+    let path = resolve_backing(image, name);
+    if depth + 1 >= crate::img::MAX_BACKING_CHAIN {
+        return Err(BlockError::ChainTooDeep {
+            path: image.to_path_buf(),
+            limit: crate::img::MAX_BACKING_CHAIN,
+        });
+    }
+    let format = match fmt {
+        Some(f) => f
+            .parse::<Format>()
+            .map_err(|e| BlockError::UnsupportedQcow2 {
+                path: image.to_path_buf(),
+                feature: format!("backing format: {e}"),
+            })?,
+        None => crate::img::probe_format(&path)?,
+    };
+    let file = File::open(&path).map_err(|source| BlockError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(match format {
+        Format::Raw => {
+            let size = file
+                .metadata()
+                .map_err(|source| BlockError::ImageIo {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            Box::new(RawBacking { file, size })
+        }
+        Format::Qcow2 => Box::new(Qcow2Driver::open(
+            &path,
+            file,
+            true,
+            DEFAULT_L2_CACHE_SIZE,
+            1,
+            depth + 1,
+        )?),
+    })
+}
+
+impl FormatDriver for Qcow2Driver {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+    fn data_fd(&self) -> RawFd {
+        self.data.as_raw_fd()
+    }
+    fn logical_block_size(&self) -> u32 {
+        DEFAULT_LOGICAL_BLOCK_SIZE
+    }
+    fn physical_block_size(&self) -> u32 {
+        self.physical
+    }
+    fn supports_discard(&self) -> bool {
+        true
+    }
+
+    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Option<u64>> {
+        if len == 0 || (write && self.readonly) {
+            return Ok(None);
+        }
+        let mut first = None;
+        for (at, _) in self.pieces(offset, len).collect::<Vec<_>>() {
+            let host = match self.lookup(at)? {
+                Cluster::Data { host, copied } if copied || !write => host,
+                _ => return Ok(None),
+            };
+            let h = host + at % self.cluster;
+            match first {
+                None => first = Some((at, h)),
+                Some((g0, h0)) if h0 + (at - g0) == h => {}
+                Some(_) => return Ok(None),
+            }
+        }
+        Ok(first.map(|(_, h)| h))
+    }
+
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        for (at, n) in self.pieces(offset, buf.len() as u64).collect::<Vec<_>>() {
+            self.read_piece(at, &mut buf[done..done + n as usize])?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn write_sync(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check_writable()?;
+        let mut done = 0usize;
+        for (at, n) in self.pieces(offset, data.len() as u64).collect::<Vec<_>>() {
+            self.write_piece(at, &data[done..done + n as usize])?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn zero_sync(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.check_writable()?;
+        for (at, n) in self.pieces(offset, len).collect::<Vec<_>>() {
+            self.zero_piece(at, n, unmap)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.meta.sync_data()
+    }
+}
