@@ -19,7 +19,8 @@ fi
 MEM_MIB=512
 KERNEL=guests/cache/kernel/vmlinuz
 INITRD=guests/cache/l2/initramfs.cpio.gz
-APPEND="console=ttyS0 quiet rig.cmd=$(printf 'true' | base64 -w0)"
+# The guest lingers after the marker so the VMM is still there to be measured.
+APPEND="console=ttyS0 quiet rig.cmd=$(printf 'sleep 2' | base64 -w0)"
 MARK=PLATTER-GUEST-INIT
 OUT=$(mktemp -d)
 
@@ -51,7 +52,7 @@ one_boot() { # name -> prints "ms rss_kib"
     "$1_cmd" > "$log" 2>&1 < /dev/null &
     pid=$!
     while ! grep -q "$MARK" "$log"; do
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if ! kill -0 "$pid" 2>/dev/null && ! grep -q "$MARK" "$log"; then
             echo "$1 exited before $MARK:" >&2; tail -n 20 "$log" >&2; exit 1
         fi
         sleep 0.005

@@ -59,6 +59,8 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// i8042 data and command ports.
 pub const I8042_PORT: u64 = 0x60;
+/// CMOS RTC index and data ports.
+pub const RTC_PORT: u64 = 0x70;
 /// ACPI PM1a event block (status + enable).
 pub const ACPI_PM1A_EVT: u64 = 0x600;
 /// ACPI PM1a control block.

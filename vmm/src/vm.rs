@@ -18,14 +18,16 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use platter_devices::bus::Bus;
 use platter_devices::interrupt::InterruptLine;
-use platter_devices::legacy::{self, AcpiPm, PowerEvent, PowerSink, Serial, SerialOutput, I8042};
+use platter_devices::legacy::{
+    self, AcpiPm, PowerEvent, PowerSink, Rtc, Serial, SerialOutput, I8042,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, SerialMode};
 use crate::disks::{self, OpenedDisk};
 use crate::irq::GsiTable;
 use crate::layout::{
-    ACPI_PM1A_EVT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
+    ACPI_PM1A_EVT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, RTC_PORT,
 };
 use crate::pci::{Buses, PciSegment};
 use crate::{boot, cpu, memory};
@@ -213,6 +215,11 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
         Arc::new(Mutex::new(I8042::new(sink.clone()))),
         I8042_PORT,
         legacy::i8042::LEN,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(Rtc::default())),
+        RTC_PORT,
+        legacy::rtc::LEN,
     )?;
     pio.insert(
         Arc::new(Mutex::new(AcpiPm::new(boot::acpi::S5_SLP_TYP, sink))),

@@ -18,6 +18,8 @@ pub const LEN: u64 = 5;
 const STATUS_OBF: u8 = 1;
 const STATUS_SYS: u8 = 1 << 2;
 const STATUS_CMD: u8 = 1 << 3;
+/// Keyboard not inhibited (no keylock).
+const STATUS_UNLOCKED: u8 = 1 << 4;
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
 const CMD_SELF_TEST: u8 = 0xaa;
@@ -69,7 +71,7 @@ impl BusDevice for I8042 {
             4 => {
                 let obf = if self.out.is_empty() { 0 } else { STATUS_OBF };
                 let cmd = if self.last_was_cmd { STATUS_CMD } else { 0 };
-                obf | STATUS_SYS | cmd
+                obf | STATUS_SYS | STATUS_UNLOCKED | cmd
             }
             _ => 0xff,
         };

@@ -1,12 +1,14 @@
-//! Legacy platform devices: the 16550 UART, the i8042 (for its reset line)
-//! and the ACPI PM1 blocks (for `poweroff`).
+//! Legacy platform devices: the 16550 UART, the i8042 (for its reset line),
+//! the CMOS RTC (wall clock) and the ACPI PM1 blocks (for `poweroff`).
 
 pub mod acpi_pm;
 pub mod i8042;
+pub mod rtc;
 pub mod serial;
 
 pub use acpi_pm::AcpiPm;
 pub use i8042::I8042;
+pub use rtc::Rtc;
 pub use serial::{Serial, SerialOutput};
 
 /// What the guest asked of the machine.

@@ -26,6 +26,8 @@ const OEM_ID: [u8; 6] = *b"PLATTR";
 const OEM_TABLE: [u8; 8] = *b"PLATTERV";
 /// The SLP_TYP value `_S5_` announces; the PM device powers off on it.
 pub const S5_SLP_TYP: u8 = 5;
+/// FADT IAPC_BOOT_ARCH bit 0: ISA legacy devices (COM1, RTC) present.
+const IAPC_LEGACY_DEVICES: u16 = 1;
 /// The i8042 command that pulses the CPU reset line; also the FADT reset value.
 pub const I8042_RESET_CMD: u8 = 0xfe;
 
@@ -102,8 +104,10 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     f.pm1_evt_len = 4;
     f.pm1a_cnt_blk = (ACPI_PM1A_CNT as u32).into();
     f.pm1_cnt_len = 2;
-    // IA-PC boot architecture: legacy devices present, 8042 present.
-    f.iapc_boot_arch = 0x3.into();
+    // IA-PC boot architecture: legacy devices present; no 8042 keyboard
+    // controller to probe (Platter's i8042 only carries the reset line, which
+    // the reset register below reaches, so the guest skips a slow probe).
+    f.iapc_boot_arch = IAPC_LEGACY_DEVICES.into();
     // Reset: write 0xfe to the i8042 command port, like a keyboard-controller reset.
     f.reset_reg = acpi_tables::gas::GAS::new(
         acpi_tables::gas::AddressSpace::SystemIo,
