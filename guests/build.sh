@@ -43,7 +43,7 @@ esac
 L1_MODULES=(kvm_amd ccp irqbypass 9p 9pnet_virtio virtio_pci
             vfio_pci vfio_iommu_type1 loop tun ext4 crc32c)
 L2_MODULES=(ata_piix ahci libata sd_mod sr_mod cdrom virtio_pci virtio_blk
-            virtio_scsi scsi_mod xhci_pci xhci_hcd usb_storage uas nvme ext4
+            virtio_scsi scsi_mod xhci_pci xhci_hcd usb_storage uas nvme ext4 isofs
             crc32c)
 
 export DEBIAN_FRONTEND=noninteractive
@@ -69,7 +69,7 @@ apt_install() {
 
 install_host_packages() {
     local missing=() p
-    for p in busybox-static fio cpio kmod gzip e2fsprogs; do
+    for p in busybox-static fio cpio kmod gzip e2fsprogs genisoimage; do
         pkg_installed "$p" || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then

@@ -2,8 +2,11 @@
 //! through `vm-memory`, raise interrupts through the small traits in
 //! [`interrupt`], and are put on a [`bus::Bus`] by the VMM.
 
+pub mod ata;
 pub mod bus;
+pub mod ide;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
+pub mod scsi;
 pub mod virtio;

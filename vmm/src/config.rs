@@ -19,6 +19,12 @@ pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// virtio-blk's GET_ID answer is 20 bytes.
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+/// ATA IDENTIFY serial number field.
+pub const ATA_SERIAL_BYTES: usize = 20;
+/// ATA IDENTIFY model field.
+pub const ATA_MODEL_BYTES: usize = 40;
+/// Two IDE channels, master and slave each.
+pub const IDE_MAX_DRIVES: usize = 4;
 
 /// A configuration error: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -508,44 +514,81 @@ impl Config {
                 }
             }
         }
+        let mut ide_slots = std::collections::HashSet::new();
+        let mut ide_count = 0;
         for (i, d) in self.disks.iter().enumerate() {
             let key = |k: &str| format!("disk[{i}].{k}");
-            if d.controller != Controller::VirtioBlk {
+            let ctrl = d.controller.name();
+            if !matches!(d.controller, Controller::VirtioBlk | Controller::Ide) {
                 return Err(err(
                     &key("controller"),
                     format!(
-                        "disk `{}`: controller `{}` is not supported yet (virtio-blk is)",
-                        d.id,
-                        d.controller.name()
+                        "disk `{}`: controller `{ctrl}` is not supported yet (virtio-blk and ide are)",
+                        d.id
                     ),
                 ));
             }
+            let ide = d.controller == Controller::Ide;
             let unsupported = [
-                ("media", d.media == Media::Cdrom),
-                ("model", d.model.is_some()),
+                ("media", d.media == Media::Cdrom && !ide),
+                ("model", d.model.is_some() && !ide),
+                ("channel", d.channel.is_some() && !ide),
+                ("unit", d.unit.is_some() && !ide),
+                ("num_queues", d.num_queues.is_some() && ide),
+                ("queue_size", d.queue_size.is_some() && ide),
                 ("iothread", d.iothread.is_some()),
                 ("logical_block_size", d.logical_block_size.is_some()),
                 ("physical_block_size", d.physical_block_size.is_some()),
-                ("channel", d.channel.is_some()),
-                ("unit", d.unit.is_some()),
             ];
             if let Some((k, _)) = unsupported.iter().find(|(_, set)| *set) {
                 return Err(err(
                     &key(k),
                     format!(
-                        "disk `{}`: `{k}` is not supported for controller `virtio-blk` yet",
+                        "disk `{}`: `{k}` is not supported for controller `{ctrl}` yet",
                         d.id
                     ),
                 ));
             }
-            if d.serial
-                .as_ref()
-                .is_some_and(|s| s.len() > VIRTIO_BLK_ID_BYTES)
-            {
-                return Err(err(
-                    &key("serial"),
-                    format!("must be at most {VIRTIO_BLK_ID_BYTES} bytes for virtio-blk"),
-                ));
+            let serial_max = if ide {
+                ATA_SERIAL_BYTES
+            } else {
+                VIRTIO_BLK_ID_BYTES
+            };
+            if let Some(s) = &d.serial {
+                if s.len() > serial_max || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                    return Err(err(
+                        &key("serial"),
+                        format!(
+                            "must be at most {serial_max} printable ASCII characters for {ctrl}"
+                        ),
+                    ));
+                }
+            }
+            if let Some(m) = &d.model {
+                if m.len() > ATA_MODEL_BYTES || !m.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                    return Err(err(
+                        &key("model"),
+                        format!("must be at most {ATA_MODEL_BYTES} printable ASCII characters"),
+                    ));
+                }
+            }
+            if ide {
+                ide_count += 1;
+                if ide_count > IDE_MAX_DRIVES {
+                    return Err(err(
+                        &key("controller"),
+                        format!("IDE has {IDE_MAX_DRIVES} positions (2 channels x master/slave); this is drive {ide_count}"),
+                    ));
+                }
+                if d.channel.is_some() || d.unit.is_some() {
+                    let pos = (d.channel.unwrap_or(0), d.unit.unwrap_or(0));
+                    if !ide_slots.insert(pos) {
+                        return Err(err(
+                            &key("unit"),
+                            format!("IDE channel {} unit {} is already taken", pos.0, pos.1),
+                        ));
+                    }
+                }
             }
             check_path(&d.path).map_err(|e| err(&key("path"), e))?;
         }
@@ -625,12 +668,28 @@ fn apply_override(root: &mut toml::Table, spec: &str) -> Result<(), String> {
     let parts: Vec<&str> = key.trim().split('.').collect();
     let (last, path) = parts.split_last().ok_or("empty key")?;
     let mut table = root;
-    for p in path {
-        table = table
+    let mut segments = path.iter();
+    while let Some(p) = segments.next() {
+        table = match table
             .entry(p.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or_else(|| format!("`{p}` is not a table"))?;
+        {
+            // An array of tables (`[[disk]]`) takes an index: `disk.1.serial`.
+            toml::Value::Array(items) => {
+                let n = items.len();
+                let i = segments
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .ok_or_else(|| format!("`{p}` is an array: give an index, e.g. {p}.0"))?;
+                items
+                    .get_mut(i)
+                    .and_then(toml::Value::as_table_mut)
+                    .ok_or_else(|| format!("`{p}` has {n} tables; there is no {p}.{i}"))?
+            }
+            v => v
+                .as_table_mut()
+                .ok_or_else(|| format!("`{p}` is not a table"))?,
+        };
     }
     table.insert(last.to_string(), value);
     Ok(())

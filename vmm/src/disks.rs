@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use platter_block::{open_disk, Disk, DiskOptions};
+use platter_devices::bus::Bus;
+use platter_devices::ide::{self, IdeDriveConfig, IrqLevel, PiixIde, PiixVariant};
 use platter_devices::virtio::{self, BlkConfig, VirtioBlk, VirtioPciDevice};
+use std::sync::RwLock;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{self, Config, ConfigError, Controller, DiskConfig};
@@ -37,6 +40,12 @@ pub enum AttachError {
         #[source]
         source: std::io::Error,
     },
+    /// The IDE controller refused a drive (model/serial strings, media).
+    #[error("IDE: {0}")]
+    Ide(#[source] ide::IdeError),
+    /// An IDE port overlapped another device.
+    #[error("IDE ports: {0}")]
+    IdePorts(#[source] platter_devices::bus::BusError),
     /// The PCI segment refused the function.
     #[error("disk `{id}`: {source}")]
     Pci {
@@ -108,18 +117,140 @@ pub struct Wiring<'a> {
     pub gsi: &'a Arc<Mutex<GsiTable>>,
     /// The PCI segment the controllers go on.
     pub pci: &'a mut PciSegment,
+    /// The port I/O bus, for legacy-mode IDE ports.
+    pub pio: &'a RwLock<Bus>,
 }
 
-/// Put each opened disk on its controller.
-pub fn attach_all(disks: Vec<OpenedDisk>, w: &mut Wiring) -> Result<(), AttachError> {
+/// What the device event loop must watch after attaching: a controller and
+/// the completion eventfds of its disks (virtio-blk serves its own).
+pub struct CompletionWatch {
+    /// The IDE controller to poke.
+    pub ide: Arc<Mutex<PiixIde>>,
+    /// The disks' completion eventfds.
+    pub fds: Vec<std::os::fd::RawFd>,
+}
+
+/// Put each opened disk on its controller; returns what the event loop
+/// must watch.
+pub fn attach_all(
+    disks: Vec<OpenedDisk>,
+    w: &mut Wiring,
+) -> Result<Vec<CompletionWatch>, AttachError> {
+    let mut ide_drives = Vec::new();
     for d in disks {
         match d.config.controller {
             Controller::VirtioBlk => attach_virtio_blk(d, w)?,
+            Controller::Ide => ide_drives.push(d),
             // Config validation refuses the others until they land.
             other => unreachable!("controller {other:?} passed validation"),
         }
     }
-    Ok(())
+    let mut watches = Vec::new();
+    if !ide_drives.is_empty() {
+        watches.push(attach_ide(ide_drives, w)?);
+    }
+    Ok(watches)
+}
+
+/// An ISA interrupt line driven by level, through KVM_IRQ_LINE.
+struct KvmIrqLevel {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl IrqLevel for KvmIrqLevel {
+    fn set(&self, level: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.gsi, level) {
+            log::error!("IDE: KVM_IRQ_LINE {} = {level}: {e}", self.gsi);
+        }
+    }
+}
+
+/// IDE positions in the order they are handed out: primary master, primary
+/// slave, secondary master, secondary slave.
+pub const IDE_SLOTS: [(u8, u8); 4] = [(0, 0), (0, 1), (1, 0), (1, 1)];
+
+/// Place IDE drives: explicit channel/unit first, the rest in slot order.
+/// Validation guarantees at most four and no two on one position.
+pub fn ide_positions(disks: &[DiskConfig]) -> Vec<(u8, u8)> {
+    let explicit: Vec<Option<(u8, u8)>> = disks
+        .iter()
+        .map(|d| match (d.channel, d.unit) {
+            (Some(c), Some(u)) => Some((c, u)),
+            (Some(c), None) => Some((c, 0)),
+            (None, Some(u)) => Some((0, u)),
+            (None, None) => None,
+        })
+        .collect();
+    let taken = explicit.clone();
+    let mut free = IDE_SLOTS
+        .iter()
+        .copied()
+        .filter(|s| !taken.contains(&Some(*s)));
+    explicit
+        .into_iter()
+        .map(|e| e.unwrap_or_else(|| free.next().expect("validated: at most four IDE drives")))
+        .collect()
+}
+
+fn attach_ide(drives: Vec<OpenedDisk>, w: &mut Wiring) -> Result<CompletionWatch, AttachError> {
+    let configs: Vec<DiskConfig> = drives.iter().map(|d| d.config.clone()).collect();
+    let positions = ide_positions(&configs);
+    let mut slots: [[Option<IdeDriveConfig>; 2]; 2] = Default::default();
+    for ((c, u), d) in positions.into_iter().zip(drives) {
+        let cdrom = d.config.media == config::Media::Cdrom;
+        let media = if cdrom {
+            ide::Media::Cdrom
+        } else {
+            ide::Media::Disk
+        };
+        let default_model = if cdrom {
+            "PLATTER DVD-ROM"
+        } else {
+            "PLATTER HARDDISK"
+        };
+        let model = d
+            .config
+            .model
+            .clone()
+            .unwrap_or_else(|| default_model.into());
+        let serial = d
+            .config
+            .serial
+            .clone()
+            .unwrap_or_else(|| d.config.id.clone());
+        slots[usize::from(c)][usize::from(u)] =
+            Some(IdeDriveConfig::new(d.disk, media, &model, &serial));
+    }
+    let irq = |gsi| -> Arc<dyn IrqLevel> {
+        Arc::new(KvmIrqLevel {
+            vm: w.vm.clone(),
+            gsi,
+        })
+    };
+    let dev = PiixIde::new(
+        PiixVariant::Piix4,
+        w.mem.clone(),
+        slots,
+        [irq(ide::PRIMARY_IRQ), irq(ide::SECONDARY_IRQ)],
+    )
+    .map_err(AttachError::Ide)?;
+    let fds = dev.completion_fds();
+    let dev = Arc::new(Mutex::new(dev));
+    {
+        let mut pio = w.pio.write().expect("bus lock");
+        for (port, base, len) in ide::legacy_ports(&dev) {
+            pio.insert(Arc::new(Mutex::new(port)), base, len)
+                .map_err(AttachError::IdePorts)?;
+        }
+    }
+    w.pci
+        .add(dev.clone(), Vec::new())
+        .map_err(|source| AttachError::Pci {
+            id: "ide".into(),
+            source,
+        })?;
+    Ok(CompletionWatch { ide: dev, fds })
 }
 
 fn attach_virtio_blk(d: OpenedDisk, w: &mut Wiring) -> Result<(), AttachError> {
@@ -170,4 +301,26 @@ fn attach_virtio_blk(d: OpenedDisk, w: &mut Wiring) -> Result<(), AttachError> {
         .add(Arc::new(Mutex::new(dev)), ioevents)
         .map_err(|source| AttachError::Pci { id, source })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(channel: Option<u8>, unit: Option<u8>) -> DiskConfig {
+        let text =
+            "[kernel]\npath = \"k\"\n[[disk]]\nid = \"a\"\npath = \"a\"\ncontroller = \"ide\"\n";
+        let mut d = Config::parse(text, "t", &[]).unwrap().disks.remove(0);
+        d.channel = channel;
+        d.unit = unit;
+        d
+    }
+
+    #[test]
+    fn ide_positions_fill_free_slots_in_order() {
+        let p = ide_positions(&[disk(None, None), disk(Some(0), Some(0)), disk(None, None)]);
+        assert_eq!(p, vec![(0, 1), (0, 0), (1, 0)]);
+        let p = ide_positions(&[disk(Some(1), None), disk(None, Some(1)), disk(None, None)]);
+        assert_eq!(p, vec![(1, 0), (0, 1), (0, 0)]);
+    }
 }

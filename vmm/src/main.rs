@@ -1,13 +1,14 @@
 //! `platter`: boot a Linux guest from a TOML config, and tools around it.
 
 mod boot;
+mod compare;
 mod config;
 mod cpu;
 mod disks;
+mod events;
 mod hostcheck;
 mod img;
 mod img_bench;
-mod input;
 mod irq;
 mod layout;
 mod memory;
@@ -67,6 +68,9 @@ enum Command {
         #[command(subcommand)]
         cmd: img::ImgCommand,
     },
+    /// Boot a config's guest and measure its disks with fio, side by side
+    /// with QEMU when it is installed.
+    Compare(compare::CompareArgs),
     /// Validate a config without starting anything.
     Check {
         /// The TOML config file.
@@ -101,6 +105,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("platter img: {e}");
                 EXIT_FAILURE
+            }
+        },
+        Command::Compare(args) => match compare::run(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("platter compare: {e}");
+                e.exit_code()
             }
         },
         Command::Run {
@@ -184,9 +195,6 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, exit_stats: bool) -> 
     };
     if cfg.serial.mode == config::SerialMode::Stdio {
         terminal::enter_raw();
-        if let Err(e) = input::spawn(machine.serial.clone()) {
-            log::warn!("serial input disabled: {e}");
-        }
     }
     let outcome = machine.wait();
     terminal::restore();

@@ -154,8 +154,6 @@ pub type SharedSerial = Arc<Mutex<Serial>>;
 pub struct Machine {
     /// The VM, kept open while vCPU threads run (irqfds hang off it).
     _vm: Arc<VmFd>,
-    /// COM1, for feeding input.
-    pub serial: SharedSerial,
     /// Exit counters.
     pub exits: Arc<ExitCounts>,
     events: std::sync::mpsc::Receiver<Event>,
@@ -232,15 +230,18 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
     };
     let gsi = Arc::new(Mutex::new(GsiTable::new(vm.clone())));
     let mut pci = PciSegment::new(vm.clone(), buses.clone(), ram)?;
-    disks::attach_all(
+    let watches = disks::attach_all(
         disks,
         &mut disks::Wiring {
             vm: &vm,
             mem: &mem,
             gsi: &gsi,
             pci: &mut pci,
+            pio: &buses.pio,
         },
     )?;
+    let stdin_to_serial = (cfg.serial.mode == SerialMode::Stdio).then(|| serial.clone());
+    crate::events::spawn(stdin_to_serial, watches).map_err(io_err("starting the event loop"))?;
 
     let boot = boot::load_linux(
         &mem,
@@ -280,7 +281,6 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
     std::mem::forget(mem);
     Ok(Machine {
         _vm: vm,
-        serial,
         exits,
         events: rx,
     })

@@ -185,15 +185,7 @@ fn disk_toml(serial: &str, file: &str, extra: &str) -> String {
 /// The guest's root is on virtio-blk; its data disks cover every cache mode
 /// with each engine, a read-only disk, discard on and off, and multiqueue.
 fn virtio_blk_config() -> String {
-    let repo = repo();
-    let mut t = format!(
-        "[machine]\nvcpus = {VCPUS}\nmemory = \"{MEMORY_MIB}M\"\n\n[kernel]\n\
-         path = \"{k}\"\ninitramfs = \"{i}\"\n\
-         cmdline = \"console=ttyS0 quiet rig.modules=virtio_pci,virtio_blk rig.root=/dev/vda rig.cmd={cmd}\"\n\n",
-        k = repo.join("guests/cache/kernel/vmlinuz").display(),
-        i = repo.join("guests/cache/l2/initramfs.cpio.gz").display(),
-        cmd = b64("sh /root/test.sh"),
-    );
+    let mut t = guest_header("virtio_pci,virtio_blk", "/dev/vda");
     t += &disk_toml("root", "root.ext4", "");
     for (c, cache) in CACHES {
         for (a, aio) in ENGINES {
@@ -220,21 +212,47 @@ fn virtio_blk_config() -> String {
     t
 }
 
+/// Run `disk_job.sh` in the rig with a config template (image paths under
+/// `@WORK@`) and the script the guest runs.
+fn disk_job(template: &Path, guest_script: &str) -> (i32, String) {
+    let job = format!(
+        "bash vmm/tests/rig/disk_job.sh '{}' '{}' '{guest_script}'",
+        env!("CARGO_BIN_EXE_platter"),
+        template.display()
+    );
+    in_rig(&job)
+}
+
+/// Write a config template under guests/cache/tests (visible in L1).
+fn write_template(name: &str, text: &str) -> PathBuf {
+    let dir = repo().join("guests/cache/tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `[machine]` and `[kernel]` for a guest that loads `modules`, mounts its
+/// root from `root` and runs /root/test.sh.
+fn guest_header(modules: &str, root: &str) -> String {
+    let repo = repo();
+    format!(
+        "[machine]\nvcpus = {VCPUS}\nmemory = \"{MEMORY_MIB}M\"\n\n[kernel]\n\
+         path = \"{k}\"\ninitramfs = \"{i}\"\n\
+         cmdline = \"console=ttyS0 quiet rig.modules={modules} rig.root={root} rig.cmd={cmd}\"\n\n",
+        k = repo.join("guests/cache/kernel/vmlinuz").display(),
+        i = repo.join("guests/cache/l2/initramfs.cpio.gz").display(),
+        cmd = b64("sh /root/test.sh"),
+    )
+}
+
 #[test]
 fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
     if !enabled() {
         return;
     }
-    let dir = repo().join("guests/cache/tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let template = dir.join("virtio-blk.toml");
-    std::fs::write(&template, virtio_blk_config()).unwrap();
-    let job = format!(
-        "bash vmm/tests/rig/virtio_blk_job.sh '{}' '{}'",
-        env!("CARGO_BIN_EXE_platter"),
-        template.display()
-    );
-    let (rc, out) = in_rig(&job);
+    let template = write_template("virtio-blk.toml", &virtio_blk_config());
+    let (rc, out) = disk_job(&template, "vmm/tests/rig/virtio_blk_guest.sh");
     assert_eq!(rc, 0, "the rig job failed");
     assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
     assert!(out.contains(MARK_EXIT), "guest script did not finish");
@@ -300,4 +318,220 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
 
     assert_eq!(value(&out, "MQ "), Some("2"));
     assert_eq!(value(&out, "FIO mq "), Some("0"));
+}
+
+/// The disks of the comparison test: (id, file, serial line, cache, aio).
+/// The second id is too long for a serial, so compare derives a hashed one.
+const COMPARE_DISKS: [(&str, &str, &str, &str, &str); 3] = [
+    ("raw-none-uring", "a.raw", "", "none", "io_uring"),
+    (
+        "raw-writeback-threads-disk",
+        "b.raw",
+        "",
+        "writeback",
+        "threads",
+    ),
+    (
+        "qcow2-none-uring",
+        "c.qcow2",
+        "serial = \"QCOW2-SERIAL\"\n",
+        "none",
+        "io_uring",
+    ),
+];
+/// compare's default jobs.
+const COMPARE_JOBS: [&str; 6] = [
+    "randread-4k-qd1",
+    "randread-4k-qd32",
+    "randwrite-4k-qd1",
+    "randwrite-4k-qd32",
+    "read-128k-qd8",
+    "write-128k-qd8",
+];
+
+fn compare_config() -> String {
+    let repo = repo();
+    let mut t = format!(
+        "[machine]\nvcpus = {VCPUS}\nmemory = \"{MEMORY_MIB}M\"\n\n[kernel]\n\
+         path = \"{k}\"\ninitramfs = \"{i}\"\ncmdline = \"console=ttyS0 quiet\"\n\n",
+        k = repo.join("guests/cache/kernel/vmlinuz").display(),
+        i = repo.join("guests/cache/l2/initramfs.cpio.gz").display(),
+    );
+    for (id, file, serial, cache, aio) in COMPARE_DISKS {
+        let format = file.rsplit('.').next().unwrap();
+        t += &format!(
+            "[[disk]]\nid = \"{id}\"\npath = \"@WORK@/{file}\"\nformat = \"{format}\"\n\
+             controller = \"virtio-blk\"\ncache = \"{cache}\"\naio = \"{aio}\"\n{serial}\n"
+        );
+    }
+    t
+}
+
+#[test]
+fn compare_measures_every_disk_and_job_under_platter_and_qemu() {
+    if !enabled() {
+        return;
+    }
+    let dir = repo().join("guests/cache/tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let template = dir.join("compare.toml");
+    std::fs::write(&template, compare_config()).unwrap();
+    let (chart, json) = (dir.join("compare.svg"), dir.join("compare.json"));
+    for f in [&chart, &json] {
+        let _ = std::fs::remove_file(f);
+    }
+    let job = format!(
+        "bash vmm/tests/rig/compare_job.sh '{}' '{}' '{}' '{}'",
+        env!("CARGO_BIN_EXE_platter"),
+        template.display(),
+        chart.display(),
+        json.display()
+    );
+    let (rc, out) = in_rig(&job);
+    assert_eq!(rc, 0, "the rig job failed");
+    assert_eq!(
+        value(&out, "BADJOBS_RC "),
+        Some("2"),
+        "a bad --jobs is a usage error"
+    );
+    assert_eq!(
+        value(&out, "COMPARE_RC "),
+        Some("0"),
+        "platter compare must exit 0"
+    );
+    assert!(
+        out.contains("only the ratios"),
+        "the header must say how far to trust it"
+    );
+
+    // One table row per disk x job: disk controller format cache aio job
+    // platter_iops qemu_iops ratio platter_MiB/s qemu_MiB/s.
+    for (id, _, _, cache, aio) in COMPARE_DISKS {
+        for job in COMPARE_JOBS {
+            let row: Vec<&str> = out
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|c| c.len() == 11 && c[0] == id && c[5] == job)
+                .unwrap_or_else(|| panic!("no table row for {id} {job}"));
+            assert_eq!((row[1], row[3], row[4]), ("virtio-blk", cache, aio));
+            for (col, who) in [(6, "Platter"), (7, "QEMU")] {
+                let iops: f64 = row[col].parse().unwrap_or(0.0);
+                assert!(iops > 0.0, "{who} IOPS for {id} {job}: {}", row[col]);
+            }
+            assert!(
+                row[8].parse::<f64>().is_ok_and(|r| r > 0.0),
+                "ratio {}",
+                row[8]
+            );
+        }
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{id} (virtio-blk, "))
+                    && l.contains("Platter/QEMU IOPS")),
+            "summary line for {id}"
+        );
+    }
+
+    let svg = std::fs::read_to_string(&chart).expect("the chart was written");
+    assert!(svg.starts_with("<svg"), "not an SVG");
+    assert!(svg.trim_end().ends_with("</svg>"), "SVG cut short");
+    let bars = COMPARE_DISKS.len() * COMPARE_JOBS.len() * 2;
+    assert_eq!(svg.matches("<rect").count(), bars, "one rect per bar");
+    assert_eq!(svg.matches("<rect").count(), svg.matches("</rect>").count());
+    let numbers = std::fs::read_to_string(&json).expect("the JSON was written");
+    assert_eq!(numbers.matches("\"job\": ").count(), bars / 2);
+}
+
+/// IDE drive models the guest finds its disks by.
+const IDE_ROOT: &str = "Platter root";
+
+fn ide_disk(id: &str, file: &str, channel: u8, unit: u8, extra: &str) -> String {
+    format!(
+        "[[disk]]\nid = \"{id}\"\npath = \"@WORK@/{file}\"\nformat = \"raw\"\n\
+         controller = \"ide\"\nchannel = {channel}\nunit = {unit}\n{extra}\n"
+    )
+}
+
+#[test]
+fn ide_root_disks_and_cdrom_with_ata_piix() {
+    if !enabled() {
+        return;
+    }
+    let mut t = guest_header("ata_piix,sd_mod,sr_mod,isofs", "LABEL=platter-root");
+    t += &ide_disk(
+        "root",
+        "root.ext4",
+        0,
+        0,
+        &format!("model = \"{IDE_ROOT}\"\nserial = \"IDE-ROOT\""),
+    );
+    t += &ide_disk(
+        "data1",
+        "data1.raw",
+        0,
+        1,
+        "model = \"Platter data1\"\nserial = \"IDE-DATA1\"\ncache = \"none\"\naio = \"io_uring\"",
+    );
+    t += &ide_disk("cd", "test.iso", 1, 0, "media = \"cdrom\"");
+    t += &ide_disk(
+        "data2",
+        "data2.raw",
+        1,
+        1,
+        "model = \"Platter data2\"\nserial = \"IDE-DATA2\"\ncache = \"writeback\"\naio = \"threads\"",
+    );
+    let template = write_template("ide.toml", &t);
+    let (rc, out) = disk_job(&template, "vmm/tests/rig/ide_guest.sh");
+    assert_eq!(rc, 0, "the rig job failed");
+    assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
+    assert!(out.contains(MARK_EXIT), "guest script did not finish");
+
+    let root = value(&out, "ROOT ").unwrap();
+    assert!(root.starts_with("ext4 sd"), "root on an IDE disk: {root}");
+    assert_eq!(value(&out, "DRIVER "), Some("ata_piix"));
+    // Three ATA/ATAPI devices negotiated an Ultra DMA mode.
+    assert!(
+        out.lines()
+            .any(|l| l.trim_end().ends_with("configured for UDMA/100") && l.contains("XFER 3")),
+        "UDMA modes missing"
+    );
+    let disk = |m: &str| value(&out, &format!("DISK {m} ")).unwrap().to_string();
+    let fields = |m: &str| {
+        disk(m)
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(fields("Platter_data1")[1..], ["65536", "IDE-DATA1"]);
+    assert_eq!(fields("Platter_data2")[1..], ["65536", "IDE-DATA2"]);
+    assert_eq!(fields("Platter_root")[2], "IDE-ROOT");
+    assert_eq!(
+        value(&out, "FIO Platter_data1 "),
+        Some("0"),
+        "fio verify on data1"
+    );
+    assert_eq!(
+        value(&out, "FIO Platter_data2 "),
+        Some("0"),
+        "fio verify on data2"
+    );
+
+    assert_eq!(value(&out, "CACHE_BEFORE "), Some("write_back"));
+    assert_eq!(
+        value(&out, "CACHE_OFF "),
+        Some("write_through"),
+        "WCE off must reach the disk"
+    );
+    assert_eq!(value(&out, "FIO cache_off "), Some("0"));
+    assert_eq!(value(&out, "CACHE_ON "), Some("write_back"));
+
+    assert_eq!(value(&out, "CD_MOUNT "), Some("0"));
+    let sha = value(&out, "ISO_SHA256 ").expect("job made the ISO");
+    assert_eq!(
+        value(&out, "CD_SHA256 "),
+        Some(sha),
+        "file on the CD differs"
+    );
+    let sectors: u64 = value(&out, "CD_SIZE ").unwrap().parse().unwrap();
+    assert!(sectors >= 2048, "CD capacity {sectors} sectors");
 }

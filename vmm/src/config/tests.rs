@@ -189,7 +189,7 @@ fn virtio_blk_disk_is_accepted_and_others_refused_for_now() {
     assert_eq!(e.key, "disk[0].path", "the image does not exist yet");
     std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
     c.validate(&PLENTY).unwrap();
-    let (d, c) = on_disk(&format!("{GOOD}{}", DISK.replace("virtio-blk", "ide")));
+    let (d, c) = on_disk(&format!("{GOOD}{}", DISK.replace("virtio-blk", "ahci")));
     std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
     let e = c.validate(&PLENTY).unwrap_err();
     assert_eq!(e.key, "disk[0].controller");
@@ -253,6 +253,21 @@ fn overrides_apply_before_parsing() {
 }
 
 #[test]
+fn overrides_index_arrays_of_tables() {
+    let text = format!(
+        "{GOOD}\n[[disk]]\nid = \"a\"\npath = \"a.raw\"\ncontroller = \"virtio-blk\"\n\
+         [[disk]]\nid = \"b\"\npath = \"b.raw\"\ncontroller = \"virtio-blk\"\n"
+    );
+    let c = Config::parse(&text, "t", &["disk.1.serial=\"B-SERIAL\"".into()]).unwrap();
+    assert_eq!(c.disks[0].serial, None);
+    assert_eq!(c.disks[1].serial.as_deref(), Some("B-SERIAL"));
+    for bad in ["disk.2.serial=x", "disk.serial=x", "disk.one.serial=x"] {
+        let e = Config::parse(&text, "t", &[bad.into()]).unwrap_err();
+        assert!(e.key.contains("--set"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn load_reports_unreadable_file() {
     let e = Config::load(Path::new("/nonexistent/vm.toml"), &[]).unwrap_err();
     assert_eq!(e.key, "file");
@@ -276,4 +291,40 @@ fn disk_ranges_are_checked() {
     }
     let (_d, c) = on_disk(&format!("{GOOD}{DISK}{DISK}"));
     assert_eq!(c.validate(&PLENTY).unwrap_err().key, "disk[1].id");
+}
+
+fn ide_disk(id: &str, extra: &str) -> String {
+    format!("[[disk]]\nid = \"{id}\"\npath = \"data.img\"\ncontroller = \"ide\"\n{extra}\n")
+}
+
+#[test]
+fn ide_disks_take_ide_keys_and_four_positions() {
+    let check = |disks: &str| {
+        let (d, c) = on_disk(&format!("{GOOD}{disks}"));
+        std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+        c.validate(&PLENTY)
+    };
+    check(&format!(
+        "{}{}",
+        ide_disk(
+            "a",
+            "model = \"Platter HD\"\nserial = \"A1\"\nchannel = 1\nunit = 1"
+        ),
+        ide_disk("cd", "media = \"cdrom\"")
+    ))
+    .unwrap();
+    let five: String = (0..5).map(|i| ide_disk(&format!("d{i}"), "")).collect();
+    assert_eq!(check(&five).unwrap_err().key, "disk[4].controller");
+    let twice = format!(
+        "{}{}",
+        ide_disk("a", "channel = 0\nunit = 1"),
+        ide_disk("b", "unit = 1")
+    );
+    assert_eq!(check(&twice).unwrap_err().key, "disk[1].unit");
+    let e = check(&ide_disk("a", "num_queues = 2")).unwrap_err();
+    assert_eq!(e.key, "disk[0].num_queues");
+    let e = check(&ide_disk("a", &format!("model = \"{}\"", "m".repeat(41)))).unwrap_err();
+    assert_eq!(e.key, "disk[0].model");
+    let e = check(&ide_disk("a", "serial = \"bad\u{00e9}\"")).unwrap_err();
+    assert_eq!(e.key, "disk[0].serial");
 }

@@ -1,5 +1,7 @@
-//! The device event loop (event-manager). Today it pumps the terminal into
-//! COM1; device I/O threads of later controllers register here too.
+//! The device event loop (event-manager): pumps the terminal into COM1 and
+//! finishes the requests of controllers that have no I/O thread of their own
+//! (IDE) when their disks signal completions. virtio-blk disks have their own
+//! I/O threads and don't appear here.
 
 use std::io::Read;
 use std::thread;
@@ -7,6 +9,7 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
+use crate::disks::CompletionWatch;
 use crate::vm::SharedSerial;
 
 /// Copies stdin into the guest's UART receive FIFO.
@@ -44,11 +47,34 @@ impl MutEventSubscriber for StdinPump {
     }
 }
 
-/// Start the event loop thread feeding `serial` from stdin.
-pub fn spawn(serial: SharedSerial) -> std::io::Result<()> {
+/// Calls a controller back when one of its disks completed requests.
+struct Completions(CompletionWatch);
+
+impl MutEventSubscriber for Completions {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.0.ide.lock().expect("IDE lock").process_completions();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in &self.0.fds {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN)) {
+                log::error!("cannot watch disk completions: {e:?}");
+            }
+        }
+    }
+}
+
+/// Start the event loop thread: stdin into `serial` (when given) and the
+/// controllers' completions.
+pub fn spawn(serial: Option<SharedSerial>, watches: Vec<CompletionWatch>) -> std::io::Result<()> {
     let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
         .map_err(|e| std::io::Error::other(format!("event manager: {e:?}")))?;
-    em.add_subscriber(Box::new(StdinPump { serial }));
+    if let Some(serial) = serial {
+        em.add_subscriber(Box::new(StdinPump { serial }));
+    }
+    for w in watches {
+        em.add_subscriber(Box::new(Completions(w)));
+    }
     thread::Builder::new()
         .name("events".into())
         .spawn(move || loop {

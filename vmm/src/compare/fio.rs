@@ -1,0 +1,171 @@
+//! Reading the guest's console: `CMP` lines carry fio's terse (version 3)
+//! output, `CMPFAIL` lines say what did not run.
+//!
+//! Terse v3 fields (1-based, from fio's HOWTO, "Terse output"): 1 version,
+//! 3 job name, 5 error; read side 6 KiB, 7 bandwidth KiB/s, 8 IOPS,
+//! 9 runtime ms, 10-13 submission latency, 14-17 completion latency
+//! (min, max, mean, stdev; usec), 18-37 percentiles, 38-41 total latency,
+//! 42-46 bandwidth statistics; the write side repeats that from 47
+//! (48 bandwidth, 49 IOPS, 57 mean completion latency).
+
+use std::collections::BTreeMap;
+
+/// One job's result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Read + write I/Os per second.
+    pub iops: f64,
+    /// Read + write KiB per second.
+    pub bw_kib: f64,
+    /// Mean completion latency in microseconds (weighted by IOPS).
+    pub clat_us: f64,
+}
+
+/// What one boot reported.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// (serial, job) -> numbers.
+    pub samples: BTreeMap<(String, String), Sample>,
+    /// `serial what status` for each `CMPFAIL`, and unreadable `CMP` lines.
+    pub failures: Vec<String>,
+    /// Whether the guest's init reached its end and reported a status.
+    pub exit: Option<i32>,
+}
+
+const READ: (usize, usize, usize) = (7, 8, 16);
+const WRITE: (usize, usize, usize) = (48, 49, 57);
+/// The last terse field read; the guest script keeps fields up to here.
+pub const LAST_FIELD: usize = WRITE.2;
+const TERSE_VERSION: &str = "3";
+const GUEST_EXIT: &str = "PLATTER-GUEST-EXIT=";
+
+/// Parse one terse v3 line into (job name, sample).
+pub fn parse_terse(line: &str) -> Result<(String, Sample), String> {
+    let f: Vec<&str> = line.trim().split(';').collect();
+    if f.len() < WRITE.2 || f[0] != TERSE_VERSION {
+        return Err(format!(
+            "not fio terse version 3 output ({} fields)",
+            f.len()
+        ));
+    }
+    let num = |i: usize| -> Result<f64, String> {
+        f[i - 1]
+            .parse::<f64>()
+            .map_err(|_| format!("field {i} `{}` is not a number", f[i - 1]))
+    };
+    let error = num(5)?;
+    if error != 0.0 {
+        return Err(format!("fio reported error {error}"));
+    }
+    let (rbw, riops, rlat) = (num(READ.0)?, num(READ.1)?, num(READ.2)?);
+    let (wbw, wiops, wlat) = (num(WRITE.0)?, num(WRITE.1)?, num(WRITE.2)?);
+    let iops = riops + wiops;
+    let clat_us = if iops > 0.0 {
+        (rlat * riops + wlat * wiops) / iops
+    } else {
+        0.0
+    };
+    Ok((
+        f[2].to_string(),
+        Sample {
+            iops,
+            bw_kib: rbw + wbw,
+            clat_us,
+        },
+    ))
+}
+
+/// Collect every `CMP`/`CMPFAIL` line and the guest's exit status from a
+/// console log. The serial console may end lines with CR LF.
+pub fn parse_console(text: &str) -> Report {
+    let mut r = Report::default();
+    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
+        if let Some(rest) = line.strip_prefix("CMP ") {
+            let Some((serial, terse)) = rest.split_once(' ') else {
+                r.failures.push(format!("unreadable line `{line}`"));
+                continue;
+            };
+            match parse_terse(terse) {
+                Ok((job, s)) => {
+                    r.samples.insert((serial.to_string(), job), s);
+                }
+                Err(e) => r.failures.push(format!("{serial}: {e}")),
+            }
+        } else if let Some(rest) = line.strip_prefix("CMPFAIL ") {
+            r.failures.push(rest.to_string());
+        } else if let Some(rc) = line.trim().strip_prefix(GUEST_EXIT) {
+            r.exit = rc.parse().ok();
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real fio 3.33 line (randread, 4k, depth 1), cut to 57 fields as the
+    /// guest script does.
+    const READ_LINE: &str = "3;fio-3.33;randread-4k-qd1;0;0;66364;66165;16541;1003;4;4050;15.505962;71.200689;0;5718;44.420858;165.687433;1.000000%=24;5.000000%=27;10.000000%=27;20.000000%=28;30.000000%=29;40.000000%=30;50.000000%=31;60.000000%=33;70.000000%=35;80.000000%=38;90.000000%=43;95.000000%=48;99.000000%=114;99.500000%=399;99.900000%=2867;99.950000%=3981;99.990000%=5603;0%=0;0%=0;0%=0;34;5731;59.926820;180.596024;60864;71712;100.000000%;66288.000000;7670.694362;0;0;0;0;0;0;0.000000;0.000000;0;0;0.000000";
+
+    /// The write side of a real randwrite line: fields 47.. filled.
+    fn write_line() -> String {
+        let mut f: Vec<String> = READ_LINE.split(';').map(String::from).collect();
+        f[2] = "randwrite-4k-qd4".into();
+        for v in &mut f[5..46] {
+            *v = "0".into();
+        }
+        f[47] = "81150".into();
+        f[48] = "20287".into();
+        f[56] = "187.690880".into();
+        f.join(";")
+    }
+
+    #[test]
+    fn terse_read_and_write_sides() {
+        let (job, s) = parse_terse(READ_LINE).unwrap();
+        assert_eq!(job, "randread-4k-qd1");
+        assert_eq!(s.iops, 16541.0);
+        assert_eq!(s.bw_kib, 66165.0);
+        assert!((s.clat_us - 44.420858).abs() < 1e-9);
+        let (job, s) = parse_terse(&write_line()).unwrap();
+        assert_eq!(job, "randwrite-4k-qd4");
+        assert_eq!((s.iops, s.bw_kib), (20287.0, 81150.0));
+        assert!((s.clat_us - 187.69088).abs() < 1e-9);
+    }
+
+    #[test]
+    fn terse_garbage_is_refused() {
+        assert!(parse_terse("2;fio-2;x").is_err());
+        assert!(parse_terse(&READ_LINE.replacen("3;", "4;", 1)).is_err());
+        let short: Vec<&str> = READ_LINE.split(';').take(40).collect();
+        assert!(parse_terse(&short.join(";")).is_err());
+        let errored = READ_LINE.replacen(";0;0;66364", ";0;5;66364", 1);
+        assert!(parse_terse(&errored).unwrap_err().contains("error 5"));
+        let bad_num = READ_LINE.replacen(";16541;", ";lots;", 1);
+        assert!(parse_terse(&bad_num).unwrap_err().contains("field 8"));
+    }
+
+    #[test]
+    fn console_lines_are_collected() {
+        let log = format!(
+            "PLATTER-GUEST-INIT\r\n[    1.0] some kernel line\r\nCMP SER-A {READ_LINE}\r\n\
+             CMP SER-B {}\r\nCMPFAIL SER-B read-128k-qd8 1\r\n==> /tmp/e <==\r\n\
+             CMP SER-C 3;fio\r\nPLATTER-GUEST-EXIT=1\r\n",
+            write_line()
+        );
+        let r = parse_console(&log);
+        assert_eq!(r.samples.len(), 2);
+        assert!(r
+            .samples
+            .contains_key(&("SER-A".into(), "randread-4k-qd1".into())));
+        assert!(r
+            .samples
+            .contains_key(&("SER-B".into(), "randwrite-4k-qd4".into())));
+        assert_eq!(r.failures.len(), 2, "{:?}", r.failures);
+        assert_eq!(r.failures[0], "SER-B read-128k-qd8 1");
+        assert!(r.failures[1].starts_with("SER-C: "));
+        assert_eq!(r.exit, Some(1));
+        assert_eq!(parse_console("nothing").exit, None);
+    }
+}

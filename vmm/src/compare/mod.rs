@@ -1,0 +1,493 @@
+//! `platter compare`: boot a config's guest, run fio on each of its disks
+//! (found by serial), boot the same guest under QEMU with equivalent devices
+//! when it is installed, and print the numbers side by side, with a chart.
+//!
+//! ```text
+//!  compare ──> platter run CONFIG --rig=never --set kernel.cmdline=... rig.cmd=<script>
+//!         └──> qemu-system-x86_64 ... -append <same cmdline>       (--qemu)
+//!  console: CMP <serial> <fio terse>  ──>  table, --chart SVG, --json
+//! ```
+//!
+//! Files: [`plan`] (jobs, disks, serials), [`guest`] (the script and kernel
+//! command line), [`qemu`] (QEMU's arguments), [`boot`] (running a VMM with
+//! a timeout), [`fio`] (console parsing), [`results`] (ratios, JSON),
+//! [`table`] and [`svg`] (the report).
+
+mod boot;
+mod fio;
+mod guest;
+mod plan;
+mod qemu;
+mod results;
+mod svg;
+mod table;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::RigMode;
+
+/// When to run QEMU alongside Platter.
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq, Debug)]
+pub enum QemuMode {
+    /// When qemu-system-x86_64 is on PATH.
+    Auto,
+    /// Always; fail without it.
+    Always,
+    /// Platter only.
+    Never,
+}
+
+/// `platter compare`'s arguments.
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    /// The TOML config whose [[disk]]s to measure (a disk with id = "root" is
+    /// not measured); each disk is found in the guest by its serial (derived
+    /// from the id when the config gives none).
+    pub config: PathBuf,
+    /// Override a config key, as for `platter run` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// fio jobs, comma-separated, each RW-BS-qdDEPTH (RW: read, write,
+    /// randread, randwrite).
+    #[arg(long, value_name = "LIST", default_value = plan::DEFAULT_JOBS)]
+    pub jobs: String,
+    /// How much of each disk the jobs work on (whole MiB); written once first.
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    pub size: String,
+    /// Seconds per job.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub runtime: u32,
+    /// Also boot the guest under QEMU (auto: when qemu-system-x86_64 is on PATH).
+    #[arg(long, value_enum, default_value_t = QemuMode::Auto)]
+    pub qemu: QemuMode,
+    /// Write a bar chart of IOPS per disk and job (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    pub chart: Option<PathBuf>,
+    /// Write the numbers as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Run inside the nested test rig (guests/rig) when this host's KVM
+    /// cannot boot a stock Linux kernel (PVM hosts); output files must then
+    /// be inside the repository.
+    #[arg(long, value_enum, default_value_t = RigMode::Auto)]
+    pub rig: RigMode,
+}
+
+/// Why a comparison stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad arguments, config or host: nothing was measured.
+    #[error("{0}")]
+    Usage(String),
+    /// A boot or a fio job failed (the guest's last lines went to stderr).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Error {
+    /// The process exit status: 2 for bad input, 1 for a failed run.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 2,
+            Error::Failed(_) => 1,
+        }
+    }
+}
+
+/// Seconds allowed for a guest to boot and power off, on top of the jobs.
+const BOOT_ALLOWANCE_S: u64 = 120;
+/// Seconds per disk on top of writing its region (found, filled, settled).
+const PER_DISK_S: u64 = 30;
+/// Seconds per job on top of its runtime (fio start-up, ramp, report).
+const PER_JOB_S: u64 = 20;
+/// Extra time the rig needs to start and stop L1.
+const RIG_ALLOWANCE_S: u64 = 120;
+
+/// Everything decided before the first boot.
+struct Plan {
+    subjects: Vec<plan::Subject>,
+    jobs: Vec<plan::Job>,
+    size: u64,
+    /// `--set`s for `platter run`: the user's, then the derived serials.
+    overrides: Vec<String>,
+    /// QEMU's binary and arguments, when QEMU runs.
+    qemu: Option<(PathBuf, Vec<String>)>,
+    cmdline: String,
+    timeout: Duration,
+}
+
+/// Run the comparison; prints the table on stdout, progress on stderr.
+pub fn run(args: CompareArgs) -> Result<(), Error> {
+    let plan = make_plan(&args)?;
+    if let Some(why) = rig_reason(args.rig)? {
+        return Err(to_rig(&args, &why, plan.timeout));
+    }
+    let info = results::RunInfo {
+        config: args.config.display().to_string(),
+        runtime: args.runtime,
+        size: plan.size,
+        in_rig: in_rig(),
+    };
+    let runs: usize = plan
+        .subjects
+        .iter()
+        .map(|s| {
+            plan.jobs
+                .iter()
+                .filter(|j| !(s.disk.readonly && j.writes()))
+                .count()
+        })
+        .sum();
+    eprintln!(
+        "platter compare: {} disks, {} jobs of {} s each per VMM; booting under Platter",
+        plan.subjects.len(),
+        runs,
+        args.runtime
+    );
+    let on_9p: Vec<&str> = plan
+        .subjects
+        .iter()
+        .filter(|s| plan::on_9p(&s.disk.path))
+        .map(|s| s.disk.id.as_str())
+        .collect();
+    let platter = boot_and_measure("platter", platter_command(&args, &plan)?, &plan)?;
+    let qemu = match &plan.qemu {
+        Some((bin, qargs)) => {
+            eprintln!("platter compare: booting the same guest under QEMU");
+            let mut c = Command::new(bin);
+            c.args(qargs);
+            Some(boot_and_measure("qemu", c, &plan)?)
+        }
+        None => None,
+    };
+    let disks = results::collect(&plan.subjects, &plan.jobs, &platter, qemu.as_ref());
+    print!("{}", table::header(&info, qemu.is_some()));
+    if !on_9p.is_empty() {
+        println!(
+            "Note: the images of {} are on a 9p file system (the rig's repository share): \
+             their numbers measure 9p as much as the VMMs; a local file system gives truer ones.",
+            on_9p.join(", ")
+        );
+    }
+    print!("\n{}", table::render(&disks));
+    if let Some(path) = &args.chart {
+        let title = match qemu {
+            Some(_) => format!("Platter vs QEMU: {}", info.config),
+            None => format!("Platter: {}", info.config),
+        };
+        write_file(path, &svg::render(&title, &disks))?;
+    }
+    if let Some(path) = &args.json {
+        write_file(path, &results::to_json(&info, &disks))?;
+    }
+    Ok(())
+}
+
+fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
+    let file = args.config.display().to_string();
+    let usage = |e: String| Error::Usage(format!("{file}: {e}"));
+    let jobs = plan::parse_jobs(&args.jobs).map_err(Error::Usage)?;
+    let size = plan::parse_size(&args.size).map_err(Error::Usage)?;
+    let first = Config::load(&args.config, &args.set).map_err(|e| Error::Usage(e.to_string()))?;
+    let subjects = plan::subjects(&first).map_err(usage)?;
+    for s in &subjects {
+        plan::check_size(s, size).map_err(usage)?;
+    }
+    let mut overrides = args.set.clone();
+    overrides.extend(plan::serial_overrides(&subjects));
+    // The console is where the results come back.
+    overrides.push("serial.mode=\"stdio\"".into());
+    // Load again with the serials, so they go through the same validation.
+    let cfg = Config::load(&args.config, &overrides).map_err(|e| Error::Usage(e.to_string()))?;
+    let script = guest::script(&subjects, &jobs, size, args.runtime);
+    let modules = guest::modules(cfg.disks.iter().map(|d| d.controller));
+    let cmdline = guest::cmdline(&cfg.kernel.cmdline, &modules, &script).map_err(usage)?;
+    let qemu = match (args.qemu, qemu::find()) {
+        (QemuMode::Never, _) => None,
+        (QemuMode::Always, None) => {
+            return Err(Error::Usage(format!(
+                "--qemu always: {} is not on PATH (install qemu-system-x86, see shared/RIG.md)",
+                qemu::QEMU
+            )))
+        }
+        (QemuMode::Auto, None) => {
+            eprintln!(
+                "platter compare: {} not on PATH; measuring Platter only",
+                qemu::QEMU
+            );
+            None
+        }
+        (mode, Some(bin)) => match qemu::args(&cfg, &subjects, &cmdline) {
+            Ok(a) => Some((bin, a)),
+            Err(e) if mode == QemuMode::Always => return Err(usage(e)),
+            Err(e) => {
+                eprintln!("platter compare: {e}; measuring Platter only");
+                None
+            }
+        },
+    };
+    let runs = subjects.len() as u64 * jobs.len() as u64;
+    let timeout = Duration::from_secs(
+        BOOT_ALLOWANCE_S
+            + subjects.len() as u64 * (PER_DISK_S + (size >> 20))
+            + runs * (u64::from(args.runtime) + PER_JOB_S),
+    );
+    Ok(Plan {
+        subjects,
+        jobs,
+        size,
+        overrides,
+        qemu,
+        cmdline,
+        timeout,
+    })
+}
+
+fn platter_command(args: &CompareArgs, plan: &Plan) -> Result<Command, Error> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Usage(format!("cannot find Platter's own executable: {e}")))?;
+    let mut c = Command::new(exe);
+    c.arg("run").arg(&args.config).arg("--rig=never");
+    for o in &plan.overrides {
+        c.arg(format!("--set={o}"));
+    }
+    c.arg(format!(
+        "--set=kernel.cmdline={}",
+        results::quote(&plan.cmdline)
+    ));
+    Ok(c)
+}
+
+/// Boot one VMM, echo progress, and check that every job reported.
+fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio::Report, Error> {
+    let names: Vec<(String, String)> = plan
+        .subjects
+        .iter()
+        .map(|s| (s.serial.clone(), s.disk.id.clone()))
+        .collect();
+    let progress = move |line: &str| {
+        if let Some((serial, terse)) = line.strip_prefix("CMP ").and_then(|r| r.split_once(' ')) {
+            let id = names
+                .iter()
+                .find(|(s, _)| s == serial)
+                .map_or(serial, |(_, id)| id.as_str());
+            if let Ok((job, s)) = fio::parse_terse(terse) {
+                eprintln!("  {who:<8} {id:<16} {job:<20} {:>10.0} IOPS", s.iops);
+            }
+        } else if line.starts_with("CMPFAIL ") {
+            eprintln!("  {who:<8} {line}");
+        }
+    };
+    let run = boot::run(cmd, plan.timeout, progress)
+        .map_err(|e| Error::Usage(format!("cannot start {who}: {e}")))?;
+    let report = fio::parse_console(&run.console);
+    let problem = if run.timed_out {
+        Some(format!(
+            "{who}: the guest had not finished after {} s; killed it",
+            plan.timeout.as_secs()
+        ))
+    } else if run.status != Some(0) {
+        let why = boot::tail(&run.stderr, 1);
+        Some(format!(
+            "{who} exited with status {}{}",
+            run.status.map_or("(signal)".into(), |s| s.to_string()),
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(": {why}")
+            }
+        ))
+    } else if let Some(f) = report.failures.first() {
+        Some(format!(
+            "{who}: in the guest: {f} (and {} more)",
+            report.failures.len() - 1
+        ))
+    } else if report.exit != Some(0) {
+        Some(format!(
+            "{who}: the guest script did not finish (exit status {})",
+            report.exit.map_or("missing".into(), |e| e.to_string())
+        ))
+    } else {
+        missing(plan, &report).map(|m| format!("{who}: no result for {m}"))
+    };
+    if let Some(p) = problem {
+        eprintln!("--- {who}: last lines of the guest console");
+        eprintln!("{}", boot::tail(&run.console, boot::TAIL_LINES));
+        if !run.stderr.trim().is_empty() {
+            eprintln!("--- {who}: stderr");
+            eprintln!("{}", boot::tail(&run.stderr, boot::TAIL_LINES));
+        }
+        return Err(Error::Failed(p));
+    }
+    Ok(report)
+}
+
+/// The first disk/job the plan expects that the report lacks.
+fn missing(plan: &Plan, report: &fio::Report) -> Option<String> {
+    plan.subjects.iter().find_map(|s| {
+        plan.jobs
+            .iter()
+            .filter(|j| !(s.disk.readonly && j.writes()))
+            .find(|j| {
+                !report
+                    .samples
+                    .contains_key(&(s.serial.clone(), j.name.clone()))
+            })
+            .map(|j| format!("disk `{}` job {}", s.disk.id, j.name))
+    })
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, text)
+        .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
+    eprintln!("platter compare: wrote {}", path.display());
+    Ok(())
+}
+
+/// Whether this process runs inside the rig's L1 (its kernel command line
+/// names the rig's job).
+fn in_rig() -> bool {
+    std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.contains("rig.job="))
+}
+
+/// Why this comparison has to run in the nested rig, if it has to.
+fn rig_reason(mode: RigMode) -> Result<Option<String>, Error> {
+    match mode {
+        RigMode::Never => Ok(None),
+        RigMode::Always => Ok(Some("--rig=always".into())),
+        RigMode::Auto => {
+            let kvm = crate::hostcheck::open_kvm().map_err(|e| Error::Usage(e.to_string()))?;
+            match crate::hostcheck::probe(&kvm) {
+                Ok(v) if !v.can_boot_stock_guest() => Ok(Some(v.explain())),
+                Ok(_) => Ok(None),
+                Err(e) => {
+                    log::warn!("{e}");
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// This command's arguments again, for the rig (which appends --rig=never).
+fn rig_args(args: &CompareArgs) -> Vec<String> {
+    let mut a = vec!["compare".to_string(), args.config.display().to_string()];
+    a.extend(args.set.iter().map(|s| format!("--set={s}")));
+    a.push(format!("--jobs={}", args.jobs));
+    a.push(format!("--size={}", args.size));
+    a.push(format!("--runtime={}", args.runtime));
+    let qemu = match args.qemu {
+        QemuMode::Auto => "auto",
+        QemuMode::Always => "always",
+        QemuMode::Never => "never",
+    };
+    a.push(format!("--qemu={qemu}"));
+    if let Some(c) = &args.chart {
+        a.push(format!("--chart={}", c.display()));
+    }
+    if let Some(j) = &args.json {
+        a.push(format!("--json={}", j.display()));
+    }
+    a
+}
+
+/// Hand the whole comparison to the rig; returns only on failure.
+fn to_rig(args: &CompareArgs, why: &str, per_boot: Duration) -> Error {
+    let Some(script) = crate::rig::find(&args.config) else {
+        return Error::Usage(format!(
+            "{why}; the nested rig (guests/rig from Platter's repository) was not found: set PLATTER_RIG to its path"
+        ));
+    };
+    // Only the repository is writable inside the rig.
+    let repo = script
+        .canonicalize()
+        .ok()
+        .and_then(|s| s.parent().and_then(Path::parent).map(Path::to_path_buf));
+    for (flag, p) in [("--chart", &args.chart), ("--json", &args.json)] {
+        let Some(p) = p else { continue };
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let inside = match (dir.canonicalize(), &repo) {
+            (Ok(d), Some(r)) => d.starts_with(r),
+            _ => false,
+        };
+        if !inside {
+            return Error::Usage(format!(
+                "{flag} {}: this runs in the nested rig, where only the repository ({}) is writable: write the file there",
+                p.display(),
+                repo.as_deref().unwrap_or(Path::new("?")).display()
+            ));
+        }
+    }
+    let timeout = 2 * per_boot.as_secs() + RIG_ALLOWANCE_S;
+    let mut cmd = crate::rig::command(&script, &rig_args(args));
+    cmd.splice(1..1, ["--timeout".to_string(), timeout.to_string()]);
+    eprintln!(
+        "platter compare: {why}; running it in the nested rig: {}",
+        cmd.join(" ")
+    );
+    let e = crate::rig::exec(&cmd);
+    Error::Usage(format!("cannot start {}: {e}", cmd[0]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CompareArgs,
+    }
+
+    #[test]
+    fn defaults_and_rig_round_trip() {
+        let a = Cli::try_parse_from(["x", "c.toml"]).unwrap().args;
+        assert_eq!(
+            (a.size.as_str(), a.runtime, a.qemu),
+            ("64M", 5, QemuMode::Auto)
+        );
+        assert_eq!(a.jobs, plan::DEFAULT_JOBS);
+        let a = Cli::try_parse_from([
+            "x",
+            "c.toml",
+            "--set",
+            "machine.vcpus=1",
+            "--jobs",
+            "read-4k-qd1",
+            "--size",
+            "16M",
+            "--runtime",
+            "2",
+            "--qemu",
+            "always",
+            "--chart",
+            "o.svg",
+            "--json",
+            "o.json",
+        ])
+        .unwrap()
+        .args;
+        let again = rig_args(&a);
+        assert_eq!(again[0], "compare");
+        let b = Cli::try_parse_from(
+            std::iter::once("x".to_string()).chain(again.iter().skip(1).cloned()),
+        )
+        .unwrap()
+        .args;
+        assert_eq!(rig_args(&b), again);
+        assert_eq!(
+            (b.size.as_str(), b.runtime, b.qemu),
+            ("16M", 2, QemuMode::Always)
+        );
+        assert_eq!(b.set, ["machine.vcpus=1"]);
+        assert!(Cli::try_parse_from(["x", "c.toml", "--runtime", "0"]).is_err());
+    }
+}

@@ -1,0 +1,43 @@
+#!/bin/bash
+# Runs in L1 (guests/rig) for the disk tests: makes an ext4 scratch file
+# system local to L1 (so O_DIRECT and hole punching behave as on a real host),
+# a copy of the guest root file system with GUEST_SCRIPT in it as
+# /root/test.sh, every raw image the config names, and an ISO9660 image with a
+# random file when the config names test.iso; boots the guest under Platter
+# with the config the test wrote; reports the host side afterwards.
+# Usage: disk_job.sh PLATTER CONFIG_TEMPLATE GUEST_SCRIPT
+set -euo pipefail
+platter=$1 template=$2 guest=$3
+work=/tmp/disks
+modprobe -q loop; modprobe -q ext4
+mkdir -p $work
+truncate -s 1G /tmp/disks.fs
+mkfs.ext4 -q -F /tmp/disks.fs
+mount -o loop /tmp/disks.fs $work
+
+cp --sparse=always guests/cache/l2/rootfs.ext4 $work/root.ext4
+mkdir -p /tmp/rootmnt
+mount -o loop $work/root.ext4 /tmp/rootmnt
+install -m 755 "$guest" /tmp/rootmnt/root/test.sh
+umount /tmp/rootmnt
+
+for img in $(sed -n 's|^path = "@WORK@/\(.*\.raw\)"|\1|p' "$template"); do
+    "$platter" img create -f raw "$work/$img" 32M >/dev/null
+done
+if grep -q '@WORK@/test.iso' "$template"; then
+    mkdir -p /tmp/iso
+    head -c 1048576 /dev/urandom > /tmp/iso/data.bin
+    echo "ISO_SHA256 $(sha256sum < /tmp/iso/data.bin | cut -d' ' -f1)"
+    genisoimage -quiet -V PLATTERCD -o $work/test.iso /tmp/iso
+fi
+sed "s|@WORK@|$work|g" "$template" > $work/vm.toml
+
+set +e
+"$platter" run $work/vm.toml --rig=never --exit-stats
+echo "RUN_RC $?"
+set -e
+for f in $work/*.raw; do
+    n=${f##*/}
+    echo "ALLOC_KIB ${n%.raw} $(( $(stat -c %b "$f") * 512 / 1024 ))"
+done
+umount $work
