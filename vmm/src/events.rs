@@ -41,8 +41,9 @@ impl MutEventSubscriber for StdinPump {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        // A regular file or /dev/null can't be polled: no input then.
         if let Err(e) = ops.add(Events::new(&std::io::stdin(), EventSet::IN)) {
-            log::warn!("serial input disabled: {e:?}");
+            log::info!("serial input disabled: {e:?}");
         }
     }
 }

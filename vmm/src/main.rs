@@ -11,6 +11,7 @@ mod img;
 mod img_bench;
 mod irq;
 mod layout;
+mod logger;
 mod memory;
 mod pci;
 mod rig;
@@ -82,6 +83,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    logger::init();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Check { config, set } => match config::Config::load(&config, &set) {

@@ -35,6 +35,7 @@ sed "s|@WORK@|$work|g" "$template" > $work/vm.toml
 set +e
 "$platter" run $work/vm.toml --rig=never --exit-stats
 echo "RUN_RC $?"
+echo "L1_MEM_AVAILABLE_MIB $(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo)"
 set -e
 for f in $work/*.raw; do
     n=${f##*/}

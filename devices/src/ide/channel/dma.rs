@@ -154,6 +154,7 @@ impl IdeChannel {
         let d = self.drive(index);
         d.status = status::BSY | status::DRDY;
         let tag = d.tag();
+        log::debug!("IDE drive {index}: submit {tag}");
         match d.disk.submit(Request { tag, op }) {
             Ok(()) => {
                 self.pending = Some(Pending::InFlight {
@@ -181,8 +182,10 @@ impl IdeChannel {
         );
         if !ours {
             // Dropped by a reset, or a synchronous request's.
+            log::debug!("IDE drive {index}: completion {tag} dropped");
             return;
         }
+        log::debug!("IDE drive {index}: completion {tag} {result:?}");
         let Some(Pending::InFlight { then, .. }) = self.pending.take() else {
             return;
         };

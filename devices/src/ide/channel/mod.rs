@@ -188,6 +188,7 @@ impl IdeChannel {
             REG_ERROR => drive.error,
             REG_STATUS => {
                 let s = drive.status;
+                log::trace!("IDE status read {s:#04x} (selected {selected})");
                 drive.intrq = false;
                 self.update_irq();
                 s
@@ -288,6 +289,7 @@ impl IdeChannel {
         let level = self.control & CONTROL_NIEN == 0
             && self.drives[self.selected].as_ref().is_some_and(|d| d.intrq);
         if level != self.irq_level {
+            log::debug!("IDE irq {} (selected {})", level, self.selected);
             self.irq_level = level;
             self.irq.set(level);
         }
@@ -350,6 +352,7 @@ impl IdeChannel {
         drive.pio = None;
         let tf = drive.regs.taskfile(v);
         let action = drive.ata.decode(&tf);
+        log::debug!("IDE drive {index} command {v:#04x} -> {action:?}");
         self.update_irq();
         self.run(index, action);
     }
