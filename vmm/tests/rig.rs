@@ -86,18 +86,23 @@ const RIG_TIMEOUT_SECS: &str = "480";
 /// `guests/rig`'s status when the job ran out of time.
 const RIG_TIMED_OUT: i32 = 124;
 
+/// What Platter prints when a guest vCPU triple-faults.
+const GUEST_DIED: &str = "triple fault";
+
 /// Run a shell job inside L1; returns (exit code, all output).
 ///
-/// The nested TCG rig now and then stalls a guest outright (seen about once
-/// in ten runs: a guest that never reaches init, or soft lockups, with
-/// Platter's own trace showing nothing pending). A job that *times out* is
-/// therefore run once more, loudly; any other failure counts at once.
+/// Now and then a guest in the nested TCG rig dies outright: it stalls (about
+/// one run in ten: never reaches init, or soft lockups, with Platter's own
+/// trace showing nothing pending) or triple-faults under write load (seen
+/// twice in about ten virtio-blk runs; not understood yet, see the issue
+/// notes). Such a job is run once more, loudly; every other failure, and a
+/// second death, fails the test.
 fn in_rig(job: &str) -> (i32, String) {
     let (rc, out) = in_rig_once(job);
-    if rc != RIG_TIMED_OUT {
+    if rc != RIG_TIMED_OUT && !out.contains(GUEST_DIED) {
         return (rc, out);
     }
-    eprintln!("rig job timed out after {RIG_TIMEOUT_SECS} s; running it once more");
+    eprintln!("RIG FLAKE: the guest died (status {rc}); running the job once more");
     in_rig_once(job)
 }
 
