@@ -399,8 +399,7 @@ impl fmt::Display for ImageInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{qemu_img, TempDir};
-    use std::process::Command;
+    use crate::testutil::{qemu_img, run_ok, TempDir};
 
     #[test]
     fn sizes_parse_and_print_like_qemu_img() {
@@ -516,17 +515,9 @@ mod tests {
     }
 
     fn qemu_json(qemu_img: &Path, args: &[&str], path: &Path) -> String {
-        let out = Command::new(qemu_img)
-            .args(args)
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "qemu-img {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        all.push(path.as_os_str());
+        run_ok(qemu_img, &all)
     }
 
     #[test]
@@ -556,16 +547,7 @@ mod tests {
             assert!(j.contains("\"backing-filename\": \"base.raw\""), "{j}");
             assert!(j.contains("\"backing-filename-format\": \"raw\""), "{j}");
             // qemu-io writes through our image; check again.
-            let out = Command::new(&q)
-                .args(["amend", "-f", "qcow2", "-o", "lazy_refcounts=on"])
-                .arg(&p)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            qemu_json(&q, &["amend", "-f", "qcow2", "-o", "lazy_refcounts=on"], &p);
             qemu_json(&q, &["check", "-f", "qcow2"], &p);
         }
     }
@@ -576,12 +558,7 @@ mod tests {
         let d = TempDir::new("interop");
         let base = d.path().join("base.qcow2");
         let run = |args: &[&str]| {
-            let out = Command::new(&q).args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            run_ok(&q, args);
         };
         let b = base.to_str().unwrap();
         run(&[

@@ -65,3 +65,24 @@ pub fn qemu_img() -> Option<PathBuf> {
     eprintln!("SKIP: qemu-img not found in PATH; interop test not run");
     None
 }
+
+/// Run `tool` (qemu-img, qemu-io) with `args`, assert that it succeeded
+/// (showing its output if not) and return its stdout.
+pub fn run_ok<S: AsRef<std::ffi::OsStr>>(tool: impl AsRef<std::ffi::OsStr>, args: &[S]) -> String {
+    let tool = tool.as_ref();
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{} {:?} failed: {stdout}{}",
+        tool.to_string_lossy(),
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy())
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -161,28 +161,21 @@ pub(super) fn guest_contents(path: &Path, format: Format) -> Vec<u8> {
         return std::fs::read(path).unwrap();
     }
     if let Some(q) = crate::testutil::qemu_img() {
-        let out = std::process::Command::new(&q)
-            .args(["check", "-f", "qcow2"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "qemu-img check failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let p = path.as_os_str();
+        crate::testutil::run_ok(&q, &["check".as_ref(), "-f".as_ref(), "qcow2".as_ref(), p]);
         let raw = path.with_extension("converted.raw");
-        let out = std::process::Command::new(&q)
-            .args(["convert", "-f", "qcow2", "-O", "raw"])
-            .arg(path)
-            .arg(&raw)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let r = raw.as_os_str();
+        crate::testutil::run_ok(
+            &q,
+            &[
+                "convert".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-O".as_ref(),
+                "raw".as_ref(),
+                p,
+                r,
+            ],
         );
         let v = std::fs::read(&raw).unwrap();
         std::fs::remove_file(&raw).unwrap();
@@ -709,16 +702,7 @@ fn durability_after_sigkill() {
 
 /// Run qemu-img or qemu-io with `args`, asserting success.
 fn qemu(tool: &str, args: &[&str]) {
-    let out = std::process::Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::testutil::run_ok(tool, args);
 }
 
 /// Read the whole disk through our pipeline.
