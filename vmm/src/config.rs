@@ -508,6 +508,19 @@ impl Config {
                     }
                 }
             }
+            if let Some(name) = &d.iothread {
+                let ok = !name.is_empty()
+                    && name.len() <= 15
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !ok {
+                    return Err(err(
+                        &key("iothread"),
+                        format!("`{name}`: use 1 to 15 letters, digits, `-` or `_`"),
+                    ));
+                }
+            }
             for (k, v) in [("channel", d.channel), ("unit", d.unit)] {
                 if v.is_some_and(|v| v > 1) {
                     return Err(err(&key(k), "must be 0 or 1".into()));
@@ -536,15 +549,21 @@ impl Config {
                 ("unit", d.unit.is_some() && !ide),
                 ("num_queues", d.num_queues.is_some() && ide),
                 ("queue_size", d.queue_size.is_some() && ide),
-                ("iothread", d.iothread.is_some()),
-                ("logical_block_size", d.logical_block_size.is_some()),
-                ("physical_block_size", d.physical_block_size.is_some()),
+                ("iothread", d.iothread.is_some() && ide),
+                (
+                    "logical_block_size",
+                    d.logical_block_size.is_some_and(|v| v != 512) && ide,
+                ),
+                (
+                    "physical_block_size",
+                    d.physical_block_size.is_some() && d.media == Media::Cdrom,
+                ),
             ];
             if let Some((k, _)) = unsupported.iter().find(|(_, set)| *set) {
                 return Err(err(
                     &key(k),
                     format!(
-                        "disk `{}`: `{k}` is not supported for controller `{ctrl}` yet",
+                        "disk `{}`: `{k}` is not supported for controller `{ctrl}`",
                         d.id
                     ),
                 ));

@@ -2,13 +2,14 @@
 //! image or a lock conflict stops Platter before anything starts), then put
 //! each disk on its controller.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use platter_block::{open_disk, Disk, DiskOptions};
 use platter_devices::bus::Bus;
 use platter_devices::ide::{self, IdeDriveConfig, IrqLevel, PiixIde, PiixVariant};
-use platter_devices::virtio::{self, BlkConfig, VirtioBlk, VirtioPciDevice};
+use platter_devices::virtio::{self, BlkConfig, IoThread, VirtioBlk, VirtioPciDevice};
 use std::sync::RwLock;
 use vm_memory::GuestMemoryMmap;
 
@@ -32,6 +33,14 @@ pub enum AttachError {
         id: String,
         #[source]
         source: virtio::VirtioPciError,
+    },
+    /// A named I/O thread could not be started.
+    #[error("disk `{id}`: cannot start I/O thread `{name}`: {source}")]
+    IoThread {
+        id: String,
+        name: String,
+        #[source]
+        source: std::io::Error,
     },
     /// Interrupt vectors could not be set up.
     #[error("disk `{id}`: MSI-X vectors: {source}")]
@@ -119,6 +128,9 @@ pub struct Wiring<'a> {
     pub pci: &'a mut PciSegment,
     /// The port I/O bus, for legacy-mode IDE ports.
     pub pio: &'a RwLock<Bus>,
+    /// Named I/O threads (`iothread = "NAME"`), made on first use and shared
+    /// by every disk that names them.
+    pub io_threads: HashMap<String, Arc<IoThread>>,
 }
 
 /// What the device event loop must watch after attaching: a controller and
@@ -219,8 +231,9 @@ fn attach_ide(drives: Vec<OpenedDisk>, w: &mut Wiring) -> Result<CompletionWatch
             .serial
             .clone()
             .unwrap_or_else(|| d.config.id.clone());
-        slots[usize::from(c)][usize::from(u)] =
-            Some(IdeDriveConfig::new(d.disk, media, &model, &serial));
+        let mut drive = IdeDriveConfig::new(d.disk, media, &model, &serial);
+        drive.physical_block_size = d.config.physical_block_size;
+        slots[usize::from(c)][usize::from(u)] = Some(drive);
     }
     let irq = |gsi| -> Arc<dyn IrqLevel> {
         Arc::new(KvmIrqLevel {
@@ -263,12 +276,29 @@ fn attach_virtio_blk(d: OpenedDisk, w: &mut Wiring) -> Result<(), AttachError> {
         queue_size: c.queue_size.unwrap_or(defaults.queue_size),
         discard: c.discard,
         readonly: c.readonly,
+        logical_block_size: c.logical_block_size,
+        physical_block_size: c.physical_block_size,
     };
     let vectors = blk_cfg.num_queues + 1;
-    let blk = VirtioBlk::new(d.disk, blk_cfg).map_err(|source| AttachError::Blk {
+    let mut blk = VirtioBlk::new(d.disk, blk_cfg).map_err(|source| AttachError::Blk {
         id: id.clone(),
         source,
     })?;
+    if let Some(name) = &c.iothread {
+        let thread = match w.io_threads.get(name) {
+            Some(t) => t.clone(),
+            None => {
+                let t = Arc::new(IoThread::new(name).map_err(|source| AttachError::IoThread {
+                    id: id.clone(),
+                    name: name.clone(),
+                    source,
+                })?);
+                w.io_threads.insert(name.clone(), t.clone());
+                t
+            }
+        };
+        blk.set_io_thread(thread);
+    }
     let router = KvmMsiRouter::new(w.vm, w.gsi.clone(), vectors).map_err(|source| {
         AttachError::Interrupts {
             id: id.clone(),

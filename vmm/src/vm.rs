@@ -238,6 +238,7 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
             gsi: &gsi,
             pci: &mut pci,
             pio: &buses.pio,
+            io_threads: Default::default(),
         },
     )?;
     let stdin_to_serial = (cfg.serial.mode == SerialMode::Stdio).then(|| serial.clone());
@@ -350,7 +351,10 @@ fn vcpu_loop(
             }
             Ok(VcpuExit::Shutdown) => {
                 count(&exits.other);
-                eprintln!("platter: vCPU {id}: triple fault (CPU shutdown), treated as a reset");
+                eprintln!(
+                    "platter: vCPU {id}: triple fault (CPU shutdown), treated as a reset; {}",
+                    crate::cpu::state::summary(&fd)
+                );
                 let _ = tx.send(Event::Power(PowerEvent::Reset));
                 return Ok(());
             }

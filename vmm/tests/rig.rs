@@ -233,10 +233,16 @@ fn virtio_blk_config() -> String {
     for (c, cache) in CACHES {
         for (a, aio) in ENGINES {
             let s = format!("m-{c}-{a}");
+            // Two of them share a named I/O thread with the multiqueue disk.
+            let shared = if c == "no" || c == "wt" {
+                "\niothread = \"shared\""
+            } else {
+                ""
+            };
             t += &disk_toml(
                 &s,
                 &format!("{s}.raw"),
-                &format!("cache = \"{cache}\"\naio = \"{aio}\""),
+                &format!("cache = \"{cache}\"\naio = \"{aio}\"{shared}"),
             );
         }
     }
@@ -250,7 +256,12 @@ fn virtio_blk_config() -> String {
     t += &disk_toml(
         "mq",
         "mq.raw",
-        "num_queues = 2\nqueue_size = 128\naio = \"io_uring\"",
+        "num_queues = 2\nqueue_size = 128\naio = \"io_uring\"\niothread = \"shared\"",
+    );
+    t += &disk_toml(
+        "blk4k",
+        "blk4k.raw",
+        "logical_block_size = 4096\nphysical_block_size = 16384\ncache = \"none\"",
     );
     t
 }
@@ -361,6 +372,10 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
 
     assert_eq!(value(&out, "MQ "), Some("2"));
     assert_eq!(value(&out, "FIO mq "), Some("0"));
+
+    assert_eq!(value(&out, "BLOCKSIZES blk4k "), Some("4096 16384"));
+    assert_eq!(value(&out, "SMALL_WRITE blk4k "), Some("failed"));
+    assert_eq!(value(&out, "FIO blk4k "), Some("0"));
 }
 
 /// The disks of the comparison test: (id, file, serial line, cache, aio).
@@ -520,7 +535,8 @@ fn ide_root_disks_and_cdrom_with_ata_piix() {
         "data2.raw",
         1,
         1,
-        "model = \"Platter data2\"\nserial = \"IDE-DATA2\"\ncache = \"writeback\"\naio = \"threads\"",
+        "model = \"Platter data2\"\nserial = \"IDE-DATA2\"\ncache = \"writeback\"\naio = \"threads\"\n\
+         physical_block_size = 4096",
     );
     let template = write_template("ide.toml", &t);
     let (rc, out) = disk_job(&template, "vmm/tests/rig/ide_guest.sh");
@@ -550,6 +566,9 @@ fn ide_root_disks_and_cdrom_with_ata_piix() {
     assert_eq!(fields("Platter_data1")[1..], ["65536", "IDE-DATA1"]);
     assert_eq!(fields("Platter_data2")[1..], ["65536", "IDE-DATA2"]);
     assert_eq!(fields("Platter_root")[2], "IDE-ROOT");
+    // IDENTIFY word 106 carries the configured physical sector size.
+    assert_eq!(value(&out, "BLOCKSIZES Platter_data1 "), Some("512 512"));
+    assert_eq!(value(&out, "BLOCKSIZES Platter_data2 "), Some("512 4096"));
     assert_eq!(
         value(&out, "FIO Platter_data1 "),
         Some("0"),

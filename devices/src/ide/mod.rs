@@ -95,6 +95,9 @@ pub struct IdeDriveConfig {
     /// Firmware revision (8 at most; a CD-ROM's first 4 are its INQUIRY
     /// revision).
     pub firmware: String,
+    /// Physical sector size IDENTIFY reports (word 106); none takes the
+    /// disk's. Logical sectors are always 512 bytes.
+    pub physical_block_size: Option<u32>,
 }
 
 impl IdeDriveConfig {
@@ -108,6 +111,7 @@ impl IdeDriveConfig {
             model: model.to_string(),
             serial: serial.to_string(),
             firmware: Self::DEFAULT_FIRMWARE.to_string(),
+            physical_block_size: None,
         }
     }
 
@@ -119,7 +123,8 @@ impl IdeDriveConfig {
                 let ata = AtaDevice::disk(
                     identity,
                     disk.size(),
-                    disk.physical_block_size(),
+                    self.physical_block_size
+                        .unwrap_or_else(|| disk.physical_block_size()),
                     disk.is_readonly(),
                     disk.supports_discard(),
                     disk.wce(),

@@ -3,7 +3,7 @@
 //! Two halves meet at the small traits below:
 //!
 //! ```text
-//!   vCPU: BAR accesses, config cycles          I/O thread (one per device)
+//!   vCPU: BAR accesses, config cycles          I/O thread (own or shared)
 //!              |                                        ^
 //!   VirtioPciDevice (pci/, §4.1)              VirtioBlk (block/, §5.2)
 //!   feature negotiation, status machine,      parses chains (§2.7), submits
@@ -23,6 +23,7 @@
 #![deny(clippy::cast_possible_truncation)]
 
 pub mod block;
+pub mod io_thread;
 pub mod pci;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{BlkConfig, BlkConfigError, VirtioBlk};
+pub use io_thread::IoThread;
 pub use pci::{VirtioPciDevice, VirtioPciError};
 
 /// Device type of a block device (§5, "Device Types").

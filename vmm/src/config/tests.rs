@@ -194,7 +194,7 @@ fn virtio_blk_disk_is_accepted_and_others_refused_for_now() {
     let e = c.validate(&PLENTY).unwrap_err();
     assert_eq!(e.key, "disk[0].controller");
     assert!(e.message.contains("not supported yet"), "{e}");
-    for extra in ["iothread = \"io0\"", "media = \"cdrom\"", "model = \"x\""] {
+    for extra in ["media = \"cdrom\"", "model = \"x\""] {
         let (d, c) = on_disk(&format!("{GOOD}{DISK}{extra}\n"));
         std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
         let e = c.validate(&PLENTY).unwrap_err();
@@ -291,6 +291,51 @@ fn disk_ranges_are_checked() {
     }
     let (_d, c) = on_disk(&format!("{GOOD}{DISK}{DISK}"));
     assert_eq!(c.validate(&PLENTY).unwrap_err().key, "disk[1].id");
+}
+
+#[test]
+fn iothread_and_block_sizes_per_controller() {
+    let ok = [
+        (DISK.to_string(), "iothread = \"io-0_a\""),
+        (
+            DISK.to_string(),
+            "logical_block_size = 4096\nphysical_block_size = 4096",
+        ),
+        (ide_disk("a", ""), "physical_block_size = 4096"),
+        (ide_disk("a", ""), "logical_block_size = 512"),
+    ];
+    for (disk, extra) in ok {
+        let (d, c) = on_disk(&format!("{GOOD}{disk}{extra}\n"));
+        std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+        c.validate(&PLENTY)
+            .unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
+    let bad = [
+        (DISK.to_string(), "iothread = \"a b\"", "iothread"),
+        (DISK.to_string(), "iothread = \"\"", "iothread"),
+        (
+            DISK.to_string(),
+            "iothread = \"sixteen-chars-xx\"",
+            "iothread",
+        ),
+        (ide_disk("a", ""), "iothread = \"io0\"", "iothread"),
+        (
+            ide_disk("a", ""),
+            "logical_block_size = 4096",
+            "logical_block_size",
+        ),
+        (
+            ide_disk("a", "media = \"cdrom\""),
+            "physical_block_size = 4096",
+            "physical_block_size",
+        ),
+    ];
+    for (disk, extra, key) in bad {
+        let (d, c) = on_disk(&format!("{GOOD}{disk}{extra}\n"));
+        std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+        let e = c.validate(&PLENTY).unwrap_err();
+        assert_eq!(e.key, format!("disk[0].{key}"), "{extra}: {e}");
+    }
 }
 
 fn ide_disk(id: &str, extra: &str) -> String {

@@ -2,6 +2,7 @@
 
 pub mod cpuid;
 pub mod regs;
+pub mod state;
 
 /// Errors while setting up a vCPU; each names the ioctl that failed.
 #[derive(Debug, thiserror::Error)]

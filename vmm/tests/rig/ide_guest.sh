@@ -22,6 +22,7 @@ for m in "Platter root" "Platter data1" "Platter data2"; do
     d=$(dev "$m")
     tag=$(echo "$m" | tr ' ' _)
     echo "DISK $tag $d $(cat /sys/block/$d/size) $(serial $d)"
+    echo "BLOCKSIZES $tag $(cat /sys/block/$d/queue/logical_block_size) $(cat /sys/block/$d/queue/physical_block_size)"
 done
 for m in "Platter data1" "Platter data2"; do
     d=$(dev "$m")

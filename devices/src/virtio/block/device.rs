@@ -25,9 +25,9 @@ use std::sync::Arc;
 use platter_block::Disk;
 use vm_memory::GuestMemoryMmap;
 
-use super::io_thread::{self, IoThread};
 use super::worker::Worker;
 use super::{features as blk, BlkConfig, BlkConfigError, Limits, ID_BYTES, SECTOR_SIZE};
+use crate::virtio::io_thread::IoThread;
 use crate::virtio::{
     features, ActivateError, VirtQueue, VirtioDevice, VirtioInterrupt, TYPE_BLOCK,
 };
@@ -45,7 +45,11 @@ const MAX_RANGE_SEGS: u32 = 32;
 pub struct VirtioBlk {
     /// Here while idle; the I/O thread holds it while running.
     disk: Option<Disk>,
-    thread: Option<IoThread>,
+    /// The thread that serves the queues: shared when the config names one,
+    /// else made at the first activation and kept for the device's life.
+    io_thread: Option<Arc<IoThread>>,
+    /// Slot of the running worker in `io_thread`.
+    attached: Option<usize>,
     features: u64,
     num_queues: u16,
     queue_size: u16,
@@ -84,11 +88,19 @@ impl VirtioBlk {
         if let Some(s) = &cfg.serial {
             id[..s.len()].copy_from_slice(s.as_bytes());
         }
-        let logical = disk.logical_block_size().max(512);
-        let physical = disk.physical_block_size().max(logical);
+        let logical = cfg
+            .logical_block_size
+            .unwrap_or_else(|| disk.logical_block_size())
+            .max(512);
+        let physical = cfg
+            .physical_block_size
+            .unwrap_or_else(|| disk.physical_block_size())
+            .max(logical);
         let seg_max = u32::from(cfg.queue_size) - 2;
         let limits = Limits {
-            capacity: disk.size() / SECTOR_SIZE,
+            // Whole logical blocks only, as a guest would round down anyway.
+            capacity: disk.size() / u64::from(logical) * u64::from(logical) / SECTOR_SIZE,
+            logical_block: u64::from(logical),
             readonly,
             seg_max,
             size_max: SIZE_MAX,
@@ -127,7 +139,8 @@ impl VirtioBlk {
         let initial_wce = disk.wce();
         Ok(Self {
             disk: Some(disk),
-            thread: None,
+            io_thread: None,
+            attached: None,
             features,
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
@@ -145,9 +158,19 @@ impl VirtioBlk {
         (disk, self.limits.clone(), self.wce.clone())
     }
 
+    /// Serve the queues on `thread` (shared with other devices) instead of a
+    /// thread of the device's own.
+    pub fn set_io_thread(&mut self, thread: Arc<IoThread>) {
+        self.io_thread = Some(thread);
+    }
+
     fn stop_thread(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.disk = t.stop();
+        let (Some(slot), Some(t)) = (self.attached.take(), &self.io_thread) else {
+            return;
+        };
+        match t.detach(slot).map(|w| w.into_any().downcast::<Worker>()) {
+            Some(Ok(w)) => self.disk = Some(w.into_disk()),
+            _ => log::error!("virtio-blk: the I/O thread {} lost the disk", t.name()),
         }
     }
 }
@@ -219,14 +242,26 @@ impl VirtioDevice for VirtioBlk {
         limits.discard &= features & blk::DISCARD != 0;
         limits.write_zeroes &= features & blk::WRITE_ZEROES != 0;
         let worker = Worker::new(disk, mem, queues, interrupt, limits, self.wce.clone());
-        match io_thread::spawn(worker) {
-            Ok(t) => {
-                self.thread = Some(t);
+        let thread = match &self.io_thread {
+            Some(t) => t.clone(),
+            None => match IoThread::new("virtio-blk") {
+                Ok(t) => self.io_thread.insert(Arc::new(t)).clone(),
+                Err(e) => {
+                    self.disk = Some(worker.into_disk());
+                    return Err(ActivateError::Io(e));
+                }
+            },
+        };
+        match thread.attach(Box::new(worker)) {
+            Ok(slot) => {
+                self.attached = Some(slot);
                 Ok(())
             }
             Err(err) => {
-                let (e, disk) = *err;
-                self.disk = disk;
+                let (e, work) = *err;
+                self.disk = work
+                    .and_then(|w| w.into_any().downcast::<Worker>().ok())
+                    .map(|w| w.into_disk());
                 Err(ActivateError::Io(e))
             }
         }

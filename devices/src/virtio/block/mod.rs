@@ -5,11 +5,10 @@
 //!               activate / reset of the I/O thread
 //!  request.rs   one descriptor chain -> a checked request (§5.2.6, §2.7.4)
 //!  worker.rs    queues + disk: pops chains, submits, completes, notifies (§2.7.7)
-//!  io_thread.rs the thread: epoll on notify eventfds, disk completions, kill
+//!  (served on an I/O thread, ../io_thread.rs: notify eventfds and disk completions)
 //! ```
 
 mod device;
-mod io_thread;
 mod request;
 mod worker;
 
@@ -54,6 +53,11 @@ pub struct BlkConfig {
     pub discard: bool,
     /// Present the disk read-only (also when the disk was opened read-only).
     pub readonly: bool,
+    /// Logical block size the guest sees (BLK_SIZE); none takes the disk's.
+    /// Reads and writes must be aligned to it.
+    pub logical_block_size: Option<u32>,
+    /// Physical block size the guest sees (TOPOLOGY); none takes the disk's.
+    pub physical_block_size: Option<u32>,
 }
 
 impl Default for BlkConfig {
@@ -64,6 +68,8 @@ impl Default for BlkConfig {
             queue_size: 256,
             discard: true,
             readonly: false,
+            logical_block_size: None,
+            physical_block_size: None,
         }
     }
 }
@@ -77,6 +83,8 @@ pub enum BlkConfigError {
     NumQueues(u16),
     #[error("virtio-blk queue_size {0} is invalid; use a power of two from 4 to {MAX_QUEUE_SIZE}")]
     QueueSize(u16),
+    #[error("virtio-blk block sizes {logical}/{physical} are invalid; use powers of two from 512 to 65536 with physical >= logical")]
+    BlockSize { logical: u32, physical: u32 },
 }
 
 impl BlkConfig {
@@ -93,6 +101,12 @@ impl BlkConfig {
         let q = self.queue_size;
         if !(4..=MAX_QUEUE_SIZE).contains(&q) || !q.is_power_of_two() {
             return Err(BlkConfigError::QueueSize(q));
+        }
+        let logical = self.logical_block_size.unwrap_or(512);
+        let physical = self.physical_block_size.unwrap_or(logical);
+        let ok = |v: u32| v.is_power_of_two() && (512..=65536).contains(&v);
+        if !ok(logical) || !ok(physical) || physical < logical {
+            return Err(BlkConfigError::BlockSize { logical, physical });
         }
         Ok(())
     }
@@ -120,6 +134,8 @@ pub(super) mod blk_status {
 pub(super) struct Limits {
     /// Capacity in 512-byte sectors.
     pub capacity: u64,
+    /// Logical block size: reads and writes are aligned to it.
+    pub logical_block: u64,
     pub readonly: bool,
     /// Most data descriptors in a read or write.
     pub seg_max: u32,

@@ -252,10 +252,11 @@ impl Checked<'_> {
             && data
                 .iter()
                 .all(|s| s.len <= u64::from(self.limits.size_max));
-        if len == 0 || len % SECTOR_SIZE != 0 || !within_limits {
+        let block = self.limits.logical_block;
+        if len == 0 || len % block != 0 || !within_limits {
             return self.ioerr();
         }
-        let Some(offset) = self.range(sector, len) else {
+        let Some(offset) = self.range(sector, len).filter(|o| o % block == 0) else {
             return self.ioerr();
         };
         let (Some(segments), Ok(used)) = (guest_segments(data), u32::try_from(len)) else {

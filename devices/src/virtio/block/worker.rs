@@ -19,7 +19,9 @@
 //! ahead, a head index outside the queue) cannot be served without a reset:
 //! the queue is set aside and the device reports NEEDS_RESET.
 
+use std::any::Any;
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -29,6 +31,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::request::{parse, Parsed};
 use super::{blk_status, Limits};
+use crate::virtio::io_thread::IoWork;
 use crate::virtio::{VirtQueue, VirtioInterrupt};
 
 struct ActiveQueue {
@@ -91,20 +94,6 @@ impl Worker {
             free: Vec::new(),
             pending: VecDeque::new(),
         }
-    }
-
-    pub(super) fn disk(&self) -> &Disk {
-        &self.disk
-    }
-
-    /// Number of queues served (positions for `process_queue`).
-    pub(super) fn num_queues(&self) -> usize {
-        self.queues.len()
-    }
-
-    /// Notify eventfd of the queue at `pos`.
-    pub(super) fn notify_fd(&self, pos: usize) -> &vmm_sys_util::eventfd::EventFd {
-        &self.queues[pos].vq.notify
     }
 
     /// Virtio requests not yet in a used ring.
@@ -335,15 +324,74 @@ impl Worker {
         }
     }
 
-    /// Device reset: wait for the disk to finish what it has, without
-    /// touching the rings (the driver has forgotten them).
-    pub(super) fn drain_disk(&mut self, wait: impl Fn(&Disk)) {
+    /// Device reset: stop taking requests, without touching the rings (the
+    /// driver has forgotten them); then [`Worker::poll_drained`].
+    fn begin_drain(&mut self) {
         self.pending.clear();
-        while self.disk.in_flight() > 0 {
-            wait(&self.disk);
-            let _ = self.disk.completions().count();
+    }
+
+    /// Collect completions of a draining worker; true once the disk has
+    /// nothing in flight.
+    fn poll_drained(&mut self) -> bool {
+        let _ = self.disk.completions().count();
+        if self.disk.in_flight() > 0 {
+            return false;
         }
         self.inflight.clear();
         self.free.clear();
+        true
+    }
+}
+
+/// Local token of the disk's completion fd (queues use their position).
+const COMPLETION: u8 = 0xfe;
+
+impl IoWork for Worker {
+    fn serve_fds(&self) -> Vec<(RawFd, u8)> {
+        let mut fds: Vec<(RawFd, u8)> = self
+            .queues
+            .iter()
+            .zip(0u8..)
+            .map(|(q, pos)| (q.vq.notify.as_raw_fd(), pos))
+            .collect();
+        fds.extend(self.drain_fds());
+        fds
+    }
+
+    fn drain_fds(&self) -> Vec<(RawFd, u8)> {
+        vec![(self.disk.completion_fd().as_raw_fd(), COMPLETION)]
+    }
+
+    fn start(&mut self) {
+        for pos in 0..self.queues.len() {
+            self.process_queue(pos);
+        }
+    }
+
+    fn on_event(&mut self, local: u8) {
+        if local == COMPLETION {
+            return self.handle_completions();
+        }
+        let pos = usize::from(local);
+        if pos < self.queues.len() {
+            let _ = self.queues[pos].vq.notify.read();
+            self.process_queue(pos);
+        }
+    }
+
+    fn after_batch(&mut self) {
+        self.signal_used();
+    }
+
+    fn begin_drain(&mut self) {
+        Worker::begin_drain(self);
+    }
+
+    fn poll_drained(&mut self) -> bool {
+        Worker::poll_drained(self)
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
     }
 }

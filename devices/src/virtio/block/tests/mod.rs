@@ -642,3 +642,117 @@ fn activation_needs_a_queue_it_has() {
         .unwrap();
     blk.reset();
 }
+
+#[test]
+fn two_devices_share_one_io_thread_and_reset_independently() {
+    let mem = memory();
+    let thread = Arc::new(crate::virtio::IoThread::new("iothread-test").unwrap());
+    let irq = Arc::new(MockInterrupt::default());
+    let (_f1, d1) = disk(false);
+    let (_f2, d2) = disk(false);
+    let mut a = VirtioBlk::new(d1, blk_config()).unwrap();
+    let mut b = VirtioBlk::new(d2, blk_config()).unwrap();
+    a.set_io_thread(thread.clone());
+    b.set_io_thread(thread.clone());
+    // Rings of the two devices at different places; each device its own status byte.
+    let mock_a = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE);
+    let mock_b = MockSplitQueue::create(&mem, GuestAddress(0x8000), QUEUE_SIZE);
+    let activate = |blk: &mut VirtioBlk, mock: &MockSplitQueue<'_, GuestMemoryMmap>, index| {
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = notify.try_clone().unwrap();
+        let vq = VirtQueue {
+            index,
+            queue: mock.create_queue().unwrap(),
+            notify,
+        };
+        let features = blk.features();
+        blk.activate(mem.clone(), features, vec![vq], irq.clone())
+            .unwrap();
+        kick
+    };
+    let kick_a = activate(&mut a, &mock_a, 0);
+    let kick_b = activate(&mut b, &mock_b, 0);
+    let data = pattern(512, 3);
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    header(&mem, req_type::OUT, 8);
+    let write = |status: u64| {
+        [
+            RawDescriptor::from(SplitDescriptor::new(HEADER, 16, F_NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(DATA, 512, F_NEXT, 2)),
+            RawDescriptor::from(SplitDescriptor::new(status, 1, F_WRITE, 0)),
+        ]
+    };
+    mem.write_obj(UNTOUCHED, GuestAddress(STATUS)).unwrap();
+    mem.write_obj(UNTOUCHED, GuestAddress(STATUS + 1)).unwrap();
+    mock_a.add_desc_chains(&write(STATUS), 0).unwrap();
+    mock_b.add_desc_chains(&write(STATUS + 1), 0).unwrap();
+    kick_a.write(1).unwrap();
+    kick_b.write(1).unwrap();
+    wait_used(&mock_a, 1);
+    wait_used(&mock_b, 1);
+    assert_eq!(read_mem(&mem, STATUS, 2), [OK, OK]);
+
+    // Resetting one device leaves the other served by the same thread.
+    a.reset();
+    header(&mem, req_type::IN, 8);
+    let read = [
+        RawDescriptor::from(SplitDescriptor::new(HEADER, 16, F_NEXT, 4)),
+        RawDescriptor::from(SplitDescriptor::new(DATA2, 512, F_WRITE | F_NEXT, 5)),
+        RawDescriptor::from(SplitDescriptor::new(STATUS + 1, 1, F_WRITE, 0)),
+    ];
+    mock_b.add_desc_chains(&read, 3).unwrap();
+    kick_b.write(1).unwrap();
+    wait_used(&mock_b, 2);
+    assert_eq!(read_mem(&mem, DATA2, 512), data);
+    b.reset();
+    drop(a);
+    drop(b);
+    // The devices hold the thread too; with them gone this is the last handle.
+    assert_eq!(Arc::strong_count(&thread), 1);
+}
+
+#[test]
+fn configured_block_sizes_are_offered_and_enforced() {
+    let mem = memory();
+    let cfg = BlkConfig {
+        logical_block_size: Some(4096),
+        physical_block_size: Some(8192),
+        ..blk_config()
+    };
+    let (_f, d) = disk(false);
+    let blk = VirtioBlk::new(d, cfg.clone()).unwrap();
+    let mut c = [0u8; 0x1c];
+    blk.read_config(0, &mut c);
+    assert_eq!(u32::from_le_bytes(c[0x14..0x18].try_into().unwrap()), 4096);
+    assert_eq!(c[0x18], 1, "physical_block_exp: 8192 = 2^1 x 4096");
+    assert_eq!(u16::from_le_bytes([c[0x1a], c[0x1b]]), 2, "min_io_size");
+
+    let mut rig = Rig::new(&mem, cfg);
+    // A whole logical block at a block boundary works.
+    header(&mem, req_type::OUT, 8);
+    assert_eq!(
+        rig.request(&[(HEADER, 16, 0), (DATA, 4096, 0), status_desc()]),
+        (OK, 1)
+    );
+    // Less than a block, or off a block boundary, is an I/O error.
+    assert_eq!(
+        rig.request(&[(HEADER, 16, 0), (DATA, 512, 0), status_desc()]),
+        (IOERR, 1)
+    );
+    header(&mem, req_type::IN, 9);
+    assert_eq!(
+        rig.request(&[(HEADER, 16, 0), (DATA2, 4096, F_WRITE), status_desc()]),
+        (IOERR, 1)
+    );
+    for (l, p) in [(1000, None), (4096, Some(512)), (131072, None)] {
+        let bad = BlkConfig {
+            logical_block_size: Some(l),
+            physical_block_size: p,
+            ..blk_config()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(BlkConfigError::BlockSize { .. })
+        ));
+    }
+}
