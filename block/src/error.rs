@@ -126,4 +126,7 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    /// Throttle limits that make no sense (see `ThrottleConfig::validate`).
+    #[error("invalid throttle limits: {0}")]
+    ThrottleConfig(#[from] crate::throttle::ThrottleConfigError),
 }

@@ -16,6 +16,10 @@
 //! * [`engine`]: the engine trait and the threads (grows on demand to 64 workers, like QEMU's
 //!   pool), native (io_submit with IOCB_FLAG_RESFD; refused without O_DIRECT) and io_uring
 //!   engines.
+//! * [`throttle`]: IOPS and bytes/s limits per disk or per named [`ThrottleGroup`], with
+//!   bursts (QEMU's `throttling.*`); requests over budget wait inside the disk.
+//! * [`stats`]: per-disk counters and latency histograms ([`Disk::stats`]), readable from any
+//!   thread while the disk runs.
 //! * [`lock`]: QEMU-compatible OFD image locks.
 //! * [`img`] and [`qcow2`]: `img create` / `img info`, qcow2 headers, and the qcow2 driver
 //!   ([`qcow2::driver`]): L1/L2 mapping with an L2 cache (`DiskOptions::l2_cache_size`),
@@ -62,11 +66,15 @@ pub mod options;
 pub mod qcow2;
 pub mod raw;
 pub mod sg;
+pub mod stats;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod throttle;
 
 pub use disk::{open_disk, Completion, Disk, Request, RequestOp, SubmitError};
 pub use error::BlockError;
 pub use img::{CreateOptions, ImageInfo, Preallocation};
 pub use options::{AioMode, CacheMode, DiskOptions, Format, ParseOptionError};
 pub use sg::{IoVec, SgList};
+pub use stats::{DiskStats, IoKind, KindSnapshot, StatsSnapshot};
+pub use throttle::{Limit, LimitKind, ThrottleConfig, ThrottleConfigError, ThrottleGroup};

@@ -1,9 +1,14 @@
 //! Disk options: image format, cache mode and aio engine, with the exact config strings
-//! (`writeback|none|writethrough|directsync|unsafe`, `threads|native|io_uring`, `raw|qcow2`).
+//! (`writeback|none|writethrough|directsync|unsafe`, `threads|native|io_uring`, `raw|qcow2`),
+//! and the throttle group. Throttle limits themselves are [`ThrottleConfig`], re-exported here.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
+
+pub use crate::throttle::ThrottleConfig;
+use crate::throttle::ThrottleGroup;
 
 /// A config string that names no known value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,6 +150,9 @@ pub struct DiskOptions {
     pub l2_cache_size: u64,
     /// Ring size for `aio=io_uring`, and AIO context size (io_setup nr_events) for `aio=native`.
     pub uring_entries: u32,
+    /// Throttle group whose limits this disk draws on (a disk with limits of its own gets a
+    /// group of one); `None`: unlimited.
+    pub throttle: Option<Arc<ThrottleGroup>>,
 }
 
 impl DiskOptions {
@@ -162,6 +170,7 @@ impl DiskOptions {
             threads: DEFAULT_THREADS,
             uring_entries: DEFAULT_URING_ENTRIES,
             l2_cache_size: crate::qcow2::driver::DEFAULT_L2_CACHE_SIZE,
+            throttle: None,
         }
     }
 }

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod throttle;
+pub use throttle::{limits as throttle_limits, ThrottleGroupConfig};
+
 /// Smallest guest RAM a stock Linux kernel with an initramfs boots in.
 pub const MIN_MEMORY_MIB: u64 = 64;
 /// xAPIC IDs are 8 bits and 0xff is broadcast; the MP table and MADT use them.
@@ -56,6 +59,9 @@ pub struct Config {
     /// Host PCI functions handed to the guest through VFIO.
     #[serde(default, rename = "passthrough")]
     pub passthrough: Vec<PassthroughConfig>,
+    /// Limits shared by the disks that name them.
+    #[serde(default, rename = "throttle_group")]
+    pub throttle_groups: Vec<ThrottleGroupConfig>,
     /// The file this came from; relative paths are resolved against its folder.
     #[serde(skip)]
     pub source: PathBuf,
@@ -320,6 +326,10 @@ pub struct DiskConfig {
     pub logical_block_size: Option<u32>,
     /// Physical block size in bytes.
     pub physical_block_size: Option<u32>,
+    /// This disk's own limits (flat keys: iops_total, bps_read_max, ...).
+    pub throttle: Option<std::collections::BTreeMap<String, u64>>,
+    /// A `[[throttle_group]]` whose limits this disk shares.
+    pub throttle_group: Option<String>,
     /// IDE channel (0 or 1).
     pub channel: Option<u8>,
     /// IDE unit (0 master, 1 slave).
@@ -460,6 +470,17 @@ impl Config {
                 "is required when serial.mode = \"file\"".into(),
             ));
         }
+        let mut group_ids = std::collections::HashSet::new();
+        for (i, g) in self.throttle_groups.iter().enumerate() {
+            let key = |k: &str| format!("throttle_group[{i}].{k}");
+            if g.id.is_empty() || !group_ids.insert(g.id.clone()) {
+                return Err(err(
+                    &key("id"),
+                    format!("`{}` is empty or used twice", g.id),
+                ));
+            }
+            throttle::limits(&g.limits).map_err(|(k, m)| err(&key(&k), m))?;
+        }
         let mut ids = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             let key = |k: &str| format!("disk[{i}].{k}");
@@ -518,6 +539,24 @@ impl Config {
                     return Err(err(
                         &key("iothread"),
                         format!("`{name}`: use 1 to 15 letters, digits, `-` or `_`"),
+                    ));
+                }
+            }
+            if let Some(keys) = &d.throttle {
+                throttle::limits(keys).map_err(|(k, m)| err(&key(&format!("throttle.{k}")), m))?;
+                if d.throttle_group.is_some() {
+                    return Err(err(
+                        &key("throttle_group"),
+                        "a disk takes its own `throttle` limits or a `throttle_group`, not both"
+                            .into(),
+                    ));
+                }
+            }
+            if let Some(g) = &d.throttle_group {
+                if !self.throttle_groups.iter().any(|t| &t.id == g) {
+                    return Err(err(
+                        &key("throttle_group"),
+                        format!("no [[throttle_group]] has id `{g}`"),
                     ));
                 }
             }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
-use platter_block::{open_disk, Disk, DiskOptions};
+use platter_block::{open_disk, Disk, DiskOptions, ThrottleGroup};
 use platter_devices::bus::Bus;
 use platter_devices::ide::{self, IdeDriveConfig, IrqLevel, PiixIde, PiixVariant};
 use platter_devices::virtio::{self, BlkConfig, IoThread, VirtioBlk, VirtioPciDevice};
@@ -97,18 +97,46 @@ fn block_options(d: &DiskConfig) -> DiskOptions {
 }
 
 /// Open every disk of `cfg`; the first failure names its key and file.
+/// Throttle groups are made here, one per `[[throttle_group]]` and one for
+/// each disk with limits of its own.
 pub fn open_all(cfg: &Config) -> Result<Vec<OpenedDisk>, ConfigError> {
+    let file = cfg.source.display().to_string();
+    let group = |key: String, name: &str, keys: &std::collections::BTreeMap<String, u64>| {
+        let fail = |message: String| ConfigError {
+            file: file.clone(),
+            key: key.clone(),
+            message,
+        };
+        let limits = config::throttle_limits(keys).map_err(|(_, m)| fail(m))?;
+        ThrottleGroup::new(name, limits).map_err(|e| fail(e.to_string()))
+    };
+    let mut groups = HashMap::new();
+    for (i, g) in cfg.throttle_groups.iter().enumerate() {
+        let made = group(format!("throttle_group[{i}]"), &g.id, &g.limits)?;
+        groups.insert(g.id.clone(), made);
+    }
     cfg.disks
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            open_disk(&block_options(d))
+            let mut opts = block_options(d);
+            opts.throttle = match (&d.throttle, &d.throttle_group) {
+                (Some(keys), _) => Some(group(
+                    format!("disk[{i}].throttle"),
+                    &format!("disk {}", d.id),
+                    keys,
+                )?),
+                // Validation checked that the group exists.
+                (None, Some(g)) => groups.get(g).cloned(),
+                (None, None) => None,
+            };
+            open_disk(&opts)
                 .map(|disk| OpenedDisk {
                     config: d.clone(),
                     disk,
                 })
                 .map_err(|e| ConfigError {
-                    file: cfg.source.display().to_string(),
+                    file: file.clone(),
                     key: format!("disk[{i}].path"),
                     message: format!("disk `{}`: {e}", d.id),
                 })

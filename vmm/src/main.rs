@@ -4,6 +4,7 @@ mod boot;
 mod compare;
 mod config;
 mod cpu;
+mod disk_stats;
 mod disks;
 mod events;
 mod hostcheck;
@@ -63,6 +64,14 @@ enum Command {
         /// Print vCPU exit counts by reason when the guest stops.
         #[arg(long)]
         exit_stats: bool,
+        /// Print each disk's statistics (operations, bytes, latency,
+        /// throttling) when the guest stops.
+        #[arg(long)]
+        disk_stats: bool,
+        /// Keep each disk's statistics as JSON in FILE, rewritten every
+        /// second while the guest runs.
+        #[arg(long, value_name = "FILE")]
+        stats_file: Option<PathBuf>,
     },
     /// Create and inspect disk images (raw, qcow2), like qemu-img.
     Img {
@@ -121,13 +130,31 @@ fn main() -> ExitCode {
             set,
             rig,
             exit_stats,
-        } => run(config, set, rig, exit_stats),
+            disk_stats,
+            stats_file,
+        } => run(
+            config,
+            set,
+            rig,
+            Reports {
+                exit_stats,
+                disk_stats,
+                stats_file,
+            },
+        ),
     };
     terminal::restore();
     ExitCode::from(code)
 }
 
-fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, exit_stats: bool) -> u8 {
+/// What `platter run` reports besides the guest's console.
+struct Reports {
+    exit_stats: bool,
+    disk_stats: bool,
+    stats_file: Option<PathBuf>,
+}
+
+fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, reports: Reports) -> u8 {
     let cfg = match config::Config::load(&path, &set) {
         Ok(c) => c,
         Err(e) => {
@@ -140,8 +167,14 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, exit_stats: bool) -> 
         for s in &set {
             a.push(format!("--set={s}"));
         }
-        if exit_stats {
+        if reports.exit_stats {
             a.push("--exit-stats".into());
+        }
+        if reports.disk_stats {
+            a.push("--disk-stats".into());
+        }
+        if let Some(f) = &reports.stats_file {
+            a.push(format!("--stats-file={}", f.display()));
         }
         a
     };
@@ -188,6 +221,22 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, exit_stats: bool) -> 
             return EXIT_USAGE;
         }
     };
+    let stats = disk_stats::AllStats(
+        disks
+            .iter()
+            .map(|d| (d.config.id.clone(), d.disk.stats()))
+            .collect(),
+    );
+    let _stats_file = match reports.stats_file.clone() {
+        Some(f) => match disk_stats::StatsFile::start(f.clone(), stats.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("platter: --stats-file {}: {e}", f.display());
+                return EXIT_USAGE;
+            }
+        },
+        None => None,
+    };
     let machine = match vm::start(&kvm, &cfg, disks) {
         Ok(m) => m,
         Err(e) => {
@@ -200,8 +249,11 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, exit_stats: bool) -> 
     }
     let outcome = machine.wait();
     terminal::restore();
-    if exit_stats {
+    if reports.exit_stats {
         eprintln!("platter: {}", machine.exits.summary());
+    }
+    if reports.disk_stats {
+        eprint!("platter: disk statistics\n{}", stats.text());
     }
     match outcome {
         Ok(vm::Outcome::PowerOff) => 0,

@@ -258,6 +258,8 @@ fn virtio_blk_config() -> String {
         "mq.raw",
         "num_queues = 2\nqueue_size = 128\naio = \"io_uring\"\niothread = \"shared\"",
     );
+    // Throttled to 50 IOPS; its own group (`[disk.throttle]` must come last).
+    t += &disk_toml("thr", "thr.raw", "[disk.throttle]\niops_total = 50");
     t += &disk_toml(
         "blk4k",
         "blk4k.raw",
@@ -373,9 +375,33 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
     assert_eq!(value(&out, "MQ "), Some("2"));
     assert_eq!(value(&out, "FIO mq "), Some("0"));
 
+    // Throttling: fio's rate stays at the limit (plus the 0.1 s burst);
+    // `--disk-stats` shows the requests that waited.
+    let thr: f64 = value(&out, "THR_IOPS ").unwrap().parse().unwrap();
+    assert!(thr > 0.0 && thr <= 60.0, "50 IOPS limit, fio saw {thr}");
+    let stats = disk_stats(&out, "thr");
+    assert!(
+        stats.contains("throttled=") && !stats.contains("throttled=0 "),
+        "no read waited for the throttle: {stats}"
+    );
+    assert!(
+        disk_stats(&out, "m-wb-th").contains("write: ops="),
+        "writes counted"
+    );
+
     assert_eq!(value(&out, "BLOCKSIZES blk4k "), Some("4096 16384"));
     assert_eq!(value(&out, "SMALL_WRITE blk4k "), Some("failed"));
     assert_eq!(value(&out, "FIO blk4k "), Some("0"));
+}
+
+/// The `read:`/`write:` lines `--disk-stats` printed for disk `id`.
+fn disk_stats(out: &str, id: &str) -> String {
+    out.lines()
+        .skip_while(|l| !l.contains(&format!("disk `{id}`:")))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The disks of the comparison test: (id, file, serial line, cache, aio).

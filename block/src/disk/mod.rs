@@ -17,11 +17,18 @@
 //! "Aligned" means O_DIRECT's request and memory alignment; without O_DIRECT everything is
 //! aligned. Writes go out with RWF_DSYNC while the guest's write cache (WCE) is off, which is
 //! O_DSYNC's meaning applied per write, so the runtime WCE toggle takes effect at once.
+//!
+//! Before any of that, a disk in a throttle group may hold a request back until the group's
+//! budget allows it (`throttled.rs`); and every request is counted in the disk's [`DiskStats`]
+//! from `submit` until `completions` hands it back.
 
 mod range_lock;
 mod request;
 #[cfg(test)]
+mod stats_throttle_tests;
+#[cfg(test)]
 mod tests;
+mod throttled;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -29,6 +36,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -39,9 +48,11 @@ use crate::options::{CacheMode, DiskOptions, Format};
 use crate::qcow2::Qcow2Driver;
 use crate::raw::{direct_io_alignment, RawDriver};
 use crate::sg::{AlignedBuf, SgList};
+use crate::stats::{DiskStats, IoKind};
 use crate::BlockError;
 use range_lock::{Range, RangeLock};
 pub use request::{Completion, Request, RequestOp, SubmitError};
+use throttled::{DiskThrottle, Pending};
 
 /// Where an engine transfer reads from or writes to.
 enum XferBuf {
@@ -109,6 +120,15 @@ struct InFlight {
     tag: u64,
     locked: bool,
     state: State,
+    kind: IoKind,
+    submitted: Instant,
+}
+
+/// A finished request waiting for `completions`, with what its statistics need.
+struct Done {
+    completion: Completion,
+    kind: IoKind,
+    submitted: Instant,
 }
 
 /// An open disk: format driver, engine, cache mode and the request pipeline.
@@ -127,7 +147,10 @@ pub struct Disk {
     mem_align: usize,
     next_id: u64,
     ranges: RangeLock,
-    done: VecDeque<Completion>,
+    done: VecDeque<Done>,
+    /// Requests waiting for throttle budget (`None`: no throttle group).
+    throttle: Option<DiskThrottle>,
+    stats: Arc<DiskStats>,
 }
 
 fn open_file(path: &Path, readonly: bool, direct: bool) -> Result<File, BlockError> {
@@ -204,6 +227,13 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
             0,
         )?),
     };
+    let throttle = match &opts.throttle {
+        Some(group) => Some(DiskThrottle::new(
+            group,
+            evt.try_clone().map_err(BlockError::EventFd)?,
+        )),
+        None => None,
+    };
     Ok(Disk {
         engine,
         inflight: HashMap::new(),
@@ -219,6 +249,8 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         next_id: 0,
         ranges: RangeLock::default(),
         done: VecDeque::new(),
+        throttle,
+        stats: Arc::default(),
     })
 }
 
@@ -291,20 +323,59 @@ impl Disk {
         &self.evt
     }
 
-    /// Number of requests submitted and not yet returned by [`Disk::completions`].
+    /// Number of requests submitted and not yet returned by [`Disk::completions`], including
+    /// those waiting for throttle budget.
     pub fn in_flight(&self) -> usize {
-        self.inflight.len() + self.done.len()
+        self.inflight.len() + self.done.len() + self.throttle.as_ref().map_or(0, |t| t.len())
+    }
+
+    /// The disk's live statistics; the handle stays valid (and readable from any thread) for
+    /// as long as it is held, even after the disk is closed.
+    pub fn stats(&self) -> Arc<DiskStats> {
+        self.stats.clone()
     }
 
     /// Start a request. Requests past the end of the disk and writes to a read-only disk are
-    /// handed back at once; host failures arrive as completions.
+    /// handed back at once; host failures arrive as completions. A request over its throttle
+    /// group's budget is queued and started when the budget allows.
     pub fn submit(&mut self, req: Request) -> Result<(), Box<SubmitError>> {
+        let kind = IoKind::of(&req.op);
         if let Err(error) = self.validate(&req.op) {
+            self.stats.refused(kind);
             return Err(Box::new(SubmitError {
                 error,
                 request: req,
             }));
         }
+        self.stats.submitted();
+        let mut p = Pending {
+            req,
+            kind,
+            submitted: Instant::now(),
+        };
+        if let Some(t) = &mut self.throttle {
+            match t.admit(p) {
+                Some(go) => p = go,
+                None => {
+                    self.stats.throttle_queued();
+                    return Ok(());
+                }
+            }
+        }
+        self.dispatch(p);
+        if !self.done.is_empty() {
+            self.signal();
+        }
+        Ok(())
+    }
+
+    /// Take the range lock and start, or queue for the lock.
+    fn dispatch(&mut self, p: Pending) {
+        let Pending {
+            req,
+            kind,
+            submitted,
+        } = p;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let range = self.lock_range(id, &req.op);
@@ -312,6 +383,8 @@ impl Disk {
             tag: req.tag,
             locked: range.is_some(),
             state: State::Sync { result: 0 },
+            kind,
+            submitted,
         };
         match range {
             Some(r) if !self.ranges.lock(r) => {
@@ -323,20 +396,29 @@ impl Disk {
                 self.start(id, req.op);
             }
         }
-        if !self.done.is_empty() {
-            self.signal();
-        }
-        Ok(())
     }
 
     /// Finished requests. Call after the eventfd fires; it resets the eventfd first, so a
-    /// completion that races with this call fires it again.
+    /// completion that races with this call fires it again. Throttled requests whose budget
+    /// arrived are started here (the throttle group writes the eventfd for them).
     pub fn completions(&mut self) -> std::vec::IntoIter<Completion> {
         let _ = self.evt.read();
         while let Some(c) = self.engine.pop_completion() {
             self.on_engine_completion(c);
         }
-        self.done.drain(..).collect::<Vec<_>>().into_iter()
+        self.start_throttled(false);
+        let now = Instant::now();
+        let stats = &self.stats;
+        self.done
+            .drain(..)
+            .map(|d| {
+                let bytes = d.completion.1.as_ref().ok().copied();
+                let latency = now.saturating_duration_since(d.submitted);
+                stats.completed(d.kind, bytes, latency);
+                d.completion
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     fn signal(&self) {
@@ -394,7 +476,11 @@ impl Disk {
         let Some(entry) = self.inflight.remove(&id) else {
             return;
         };
-        self.done.push_back((entry.tag, result));
+        self.done.push_back(Done {
+            completion: (entry.tag, result),
+            kind: entry.kind,
+            submitted: entry.submitted,
+        });
         if entry.locked {
             for granted in self.ranges.unlock(id) {
                 let op = match self

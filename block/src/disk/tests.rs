@@ -19,19 +19,19 @@ const MAX_LEN: u64 = 64 << 10;
 const ENGINES: [AioMode; 3] = [AioMode::Threads, AioMode::IoUring, AioMode::Native];
 
 /// Engines that can run with `cache` (Linux AIO needs O_DIRECT).
-fn engines_for(cache: CacheMode) -> impl Iterator<Item = AioMode> {
+pub(super) fn engines_for(cache: CacheMode) -> impl Iterator<Item = AioMode> {
     ENGINES
         .into_iter()
         .filter(move |a| *a != AioMode::Native || cache.direct())
 }
 
-fn make_image(dir: &TempDir, size: u64) -> std::path::PathBuf {
+pub(super) fn make_image(dir: &TempDir, size: u64) -> std::path::PathBuf {
     let p = dir.path().join("disk.raw");
     File::create(&p).unwrap().set_len(size).unwrap();
     p
 }
 
-fn opts(path: &Path, cache: CacheMode, aio: AioMode) -> DiskOptions {
+pub(super) fn opts(path: &Path, cache: CacheMode, aio: AioMode) -> DiskOptions {
     DiskOptions {
         format: Some(Format::Raw),
         cache,
@@ -41,7 +41,7 @@ fn opts(path: &Path, cache: CacheMode, aio: AioMode) -> DiskOptions {
 }
 
 /// Wait on the eventfd until `n` completions arrived.
-fn wait_all(disk: &mut Disk, n: usize) -> Vec<Completion> {
+pub(super) fn wait_all(disk: &mut Disk, n: usize) -> Vec<Completion> {
     let mut got = Vec::new();
     while got.len() < n {
         let mut pfd = libc::pollfd {

@@ -373,3 +373,49 @@ fn ide_disks_take_ide_keys_and_four_positions() {
     let e = check(&ide_disk("a", "serial = \"bad\u{00e9}\"")).unwrap_err();
     assert_eq!(e.key, "disk[0].serial");
 }
+
+#[test]
+fn throttle_limits_per_disk_and_per_group() {
+    let group = "[[throttle_group]]\nid = \"slow\"\niops_total = 100\nbps_total_max = 2000000\nbps_total = 1000000\n";
+    let ok = [
+        format!("{GOOD}{DISK}[disk.throttle]\niops_read = 10\niops_read_max = 20\n"),
+        format!("{GOOD}{group}{DISK}throttle_group = \"slow\"\n"),
+    ];
+    for text in ok {
+        let (d, c) = on_disk(&text);
+        std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+        c.validate(&PLENTY)
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+    let bad = [
+        (
+            format!("{GOOD}{DISK}[disk.throttle]\niops_reed = 10\n"),
+            "disk[0].throttle.iops_reed",
+        ),
+        (
+            format!("{GOOD}{DISK}[disk.throttle]\nbps_total = 10\nbps_read = 5\n"),
+            "disk[0].throttle.bps_total",
+        ),
+        (
+            format!("{GOOD}{DISK}throttle_group = \"nope\"\n"),
+            "disk[0].throttle_group",
+        ),
+        (
+            format!(
+                "{GOOD}{group}{DISK}throttle_group = \"slow\"\n[disk.throttle]\niops_read = 1\n"
+            ),
+            "disk[0].throttle_group",
+        ),
+        (format!("{GOOD}{group}{group}"), "throttle_group[1].id"),
+        (
+            format!("{GOOD}[[throttle_group]]\nid = \"g\"\niops_total = 5\niops_total_max = 2\n"),
+            "throttle_group[0].iops_total_max",
+        ),
+    ];
+    for (text, key) in bad {
+        let (d, c) = on_disk(&text);
+        std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+        let e = c.validate(&PLENTY).unwrap_err();
+        assert_eq!(e.key, key, "{text}: {e}");
+    }
+}

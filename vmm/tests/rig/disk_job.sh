@@ -33,7 +33,7 @@ fi
 sed "s|@WORK@|$work|g" "$template" > $work/vm.toml
 
 set +e
-"$platter" run $work/vm.toml --rig=never --exit-stats
+"$platter" run $work/vm.toml --rig=never --exit-stats --disk-stats
 echo "RUN_RC $?"
 echo "L1_MEM_AVAILABLE_MIB $(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo)"
 set -e

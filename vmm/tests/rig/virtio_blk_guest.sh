@@ -47,6 +47,13 @@ d=$(dev mq)
 echo "MQ $(ls /sys/block/$d/mq | wc -l)"
 verify "$d"; echo "FIO mq $?"
 
+# 50 IOPS at most, whatever the queue depth.
+d=$(dev thr)
+fio --name=thr --filename=/dev/$d --direct=1 --ioengine=libaio --iodepth=8 --rw=randread \
+    --bs=4k --size=4M --time_based --runtime=3 --output-format=terse --terse-version=3 \
+    >/tmp/thr.log 2>&1
+echo "THR_IOPS $(grep '^3;' /tmp/thr.log | cut -d';' -f8)"
+
 # 4 KiB logical blocks: the queue limits follow, a 512-byte direct write is
 # refused (by the guest kernel; the device refuses it too, see the unit tests).
 d=$(dev blk4k)

@@ -328,6 +328,9 @@ impl Worker {
     /// driver has forgotten them); then [`Worker::poll_drained`].
     fn begin_drain(&mut self) {
         self.pending.clear();
+        // Requests held back by throttling go now, so a reset does not wait
+        // out the limits.
+        self.disk.release_throttled();
     }
 
     /// Collect completions of a draining worker; true once the disk has
