@@ -21,6 +21,8 @@
 //! refcounts need `qemu-img check -r all`), or with internal snapshots; extended L2 entries,
 //! external data files, encryption and zstd compression in any mode. Detected corruption
 //! (misaligned or out-of-file metadata offsets) sets the corrupt bit, as the spec asks.
+//!
+//! Refcounts, cluster allocation and growing the refcount table live in `refcount.rs`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -38,6 +40,8 @@ use crate::options::Format;
 use crate::raw::DEFAULT_LOGICAL_BLOCK_SIZE;
 use crate::sg::AlignedBuf;
 use crate::BlockError;
+
+mod refcount;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
@@ -474,157 +478,6 @@ impl Qcow2Driver {
         self.l2_table(l2_off)?[l2i] = entry;
         self.meta
             .write_at(l2_off + l2i as u64 * 8, &entry.to_be_bytes())
-    }
-
-    // Refcounts. A block holds cluster * 8 / width entries.
-
-    fn rc_per_block_bits(&self) -> u32 {
-        self.cluster_bits + 3 - self.header.refcount_order
-    }
-
-    fn rc_block(&mut self, off: u64) -> io::Result<&mut Vec<u8>> {
-        if self.rc_cache.get(off).is_none() {
-            let mut raw = vec![0u8; self.cluster as usize];
-            self.meta.read_at(off, &mut raw)?;
-            self.rc_cache.insert(off, raw);
-        }
-        Ok(self.rc_cache.get(off).expect("just inserted"))
-    }
-
-    fn rc_get_in(block: &[u8], i: u64, order: u32) -> u64 {
-        let bits = 1u64 << order;
-        if bits >= 8 {
-            let n = (bits / 8) as usize;
-            let at = i as usize * n;
-            block[at..at + n]
-                .iter()
-                .fold(0u64, |a, &b| (a << 8) | u64::from(b))
-        } else {
-            let per = 8 / bits;
-            let byte = block[(i / per) as usize];
-            // Sub-byte refcounts are packed starting at the least significant bit.
-            let shift = (i % per) * bits;
-            (u64::from(byte) >> shift) & ((1 << bits) - 1)
-        }
-    }
-
-    fn rc_set_in(block: &mut [u8], i: u64, order: u32, v: u64) {
-        let bits = 1u64 << order;
-        if bits >= 8 {
-            let n = (bits / 8) as usize;
-            let at = i as usize * n;
-            for (k, b) in block[at..at + n].iter_mut().enumerate() {
-                *b = (v >> (8 * (n - 1 - k))) as u8;
-            }
-        } else {
-            let per = 8 / bits;
-            let at = (i / per) as usize;
-            let shift = (i % per) * bits;
-            let mask = ((1u64 << bits) - 1) << shift;
-            block[at] = ((u64::from(block[at]) & !mask) | ((v << shift) & mask)) as u8;
-        }
-    }
-
-    /// Refcount of host cluster `idx` (0 when no refcount block covers it).
-    fn refcount(&mut self, idx: u64) -> io::Result<u64> {
-        let per_bits = self.rc_per_block_bits();
-        let ti = (idx >> per_bits) as usize;
-        let Some(&rb) = self.rc_table.get(ti) else {
-            return Ok(0);
-        };
-        let rb = rb & OFFSET_MASK;
-        if rb == 0 {
-            return Ok(0);
-        }
-        let order = self.header.refcount_order;
-        let i = idx & ((1 << per_bits) - 1);
-        Ok(Self::rc_get_in(self.rc_block(rb)?, i, order))
-    }
-
-    /// Set the refcount of `idx`, whose refcount block must exist.
-    fn set_refcount(&mut self, idx: u64, v: u64) -> io::Result<()> {
-        let per_bits = self.rc_per_block_bits();
-        let ti = (idx >> per_bits) as usize;
-        let rb = self.rc_table.get(ti).copied().unwrap_or(0) & OFFSET_MASK;
-        if rb == 0 {
-            return Err(self.corrupt(format!("no refcount block for cluster {idx}")));
-        }
-        let order = self.header.refcount_order;
-        if v >> (1u64 << order).min(63) != 0 {
-            return Err(io::Error::other("refcount overflow"));
-        }
-        let i = idx & ((1 << per_bits) - 1);
-        let block = self.rc_block(rb)?;
-        Self::rc_set_in(block, i, order, v);
-        // Write back the 8-byte-aligned word holding the entry.
-        let byte = ((i << order) / 8) & !7;
-        let word: [u8; 8] = block[byte as usize..byte as usize + 8]
-            .try_into()
-            .expect("8 bytes");
-        self.meta.write_at(rb + byte, &word)
-    }
-
-    /// Allocate one host cluster (refcount 1), reusing freed ones first. The cluster's
-    /// contents are unspecified (holes when appended or freed by us).
-    fn alloc_cluster(&mut self) -> io::Result<u64> {
-        let per_bits = self.rc_per_block_bits();
-        let mut idx = self.free_hint;
-        loop {
-            let ti = (idx >> per_bits) as usize;
-            if ti >= self.rc_table.len() {
-                return Err(io::Error::other(
-                    "qcow2 refcount table is full; growing it is not implemented (use a larger cluster_size)",
-                ));
-            }
-            if self.rc_table[ti] & OFFSET_MASK == 0 {
-                // No refcount block for this range: every cluster in it is free. Put the new
-                // block in its own first free cluster, counting itself.
-                let block_off = idx << self.cluster_bits;
-                let mut block = vec![0u8; self.cluster as usize];
-                let order = self.header.refcount_order;
-                Self::rc_set_in(&mut block, idx & ((1 << per_bits) - 1), order, 1);
-                self.meta.write_at(block_off, &block)?;
-                self.file_len = self.file_len.max(block_off + self.cluster);
-                self.rc_cache.insert(block_off, block);
-                self.meta.write_at(
-                    self.header.refcount_table_offset + ti as u64 * 8,
-                    &block_off.to_be_bytes(),
-                )?;
-                self.rc_table[ti] = block_off;
-                idx += 1;
-                continue;
-            }
-            if self.refcount(idx)? == 0 {
-                self.set_refcount(idx, 1)?;
-                self.free_hint = idx + 1;
-                let off = idx << self.cluster_bits;
-                if off < self.file_len {
-                    // A free cluster inside the file may hold stale bytes; callers rely on
-                    // new clusters reading as zeroes.
-                    punch(&self.meta, off, self.cluster);
-                }
-                if off + self.cluster > self.file_len {
-                    self.meta.set_len(off + self.cluster)?;
-                    self.file_len = off + self.cluster;
-                }
-                return Ok(off);
-            }
-            idx += 1;
-        }
-    }
-
-    /// Drop one reference to host cluster `idx`; punch it when it becomes free.
-    fn release(&mut self, idx: u64) -> io::Result<()> {
-        let r = self.refcount(idx)?;
-        if r == 0 {
-            return Err(self.corrupt(format!("freeing cluster {idx} with refcount 0")));
-        }
-        self.set_refcount(idx, r - 1)?;
-        if r == 1 {
-            self.free_hint = self.free_hint.min(idx);
-            punch(&self.meta, idx << self.cluster_bits, self.cluster);
-        }
-        Ok(())
     }
 
     /// Release what a cluster entry owned.

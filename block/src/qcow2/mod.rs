@@ -1,25 +1,19 @@
-//! qcow2 headers: reading with validation of hostile input, and creating empty images.
+//! qcow2 headers: reading with validation of hostile input. Creating images (empty or
+//! preallocated): [`create()`] in `create.rs`. Guest data I/O: [`driver`].
 //!
-//! Layout of an image made by [`create`] (cluster size C, refcount order 4):
-//!
-//! ```text
-//!  0      : header (v3, 104 bytes) · extensions (backing format) · backing file name
-//!  C      : refcount table (n clusters)
-//!  ...    : refcount blocks (16-bit counts)
-//!  ...    : L1 table (zeroed: every cluster unallocated)
-//! ```
-//!
-//! Spec: QEMU docs/interop/qcow2.txt. Guest data I/O: [`driver`].
+//! Spec: QEMU docs/interop/qcow2.txt.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::BlockError;
 
+mod create;
 pub mod driver;
+pub mod hostile;
 
+pub use create::{create, Qcow2CreateParams};
 pub use driver::Qcow2Driver;
 
 /// `QFI\xfb`.
@@ -327,125 +321,6 @@ impl Qcow2Header {
     }
 }
 
-/// What [`create`] needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Qcow2CreateParams {
-    /// Virtual size.
-    pub size: u64,
-    /// Cluster size (power of two, 512 .. 2 MiB).
-    pub cluster_size: u64,
-    /// Backing file name, stored as given.
-    pub backing_file: Option<String>,
-    /// Backing format name.
-    pub backing_format: Option<String>,
-}
-
-/// Write an empty qcow2 v3 image (refcount order 4, no preallocation) to `file`.
-pub fn create(file: &mut File, path: &Path, p: &Qcow2CreateParams) -> Result<(), BlockError> {
-    let opt = |m: String| BlockError::CreateOptions(m);
-    if !p.cluster_size.is_power_of_two()
-        || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&p.cluster_size)
-    {
-        return Err(opt(format!(
-            "cluster_size {} must be a power of two between 512 and 2M",
-            p.cluster_size
-        )));
-    }
-    let cluster = p.cluster_size;
-    let cluster_bits = cluster.trailing_zeros();
-    let l1_size = p.size.div_ceil(cluster * (cluster / 8)).max(1);
-    if l1_size * 8 > MAX_L1_BYTES {
-        return Err(opt(format!(
-            "size {} too large for cluster_size {cluster}",
-            p.size
-        )));
-    }
-    if let Some(b) = &p.backing_file {
-        if b.is_empty() || b.len() > MAX_BACKING_NAME as usize {
-            return Err(opt("backing file name must be 1..1023 bytes".into()));
-        }
-    }
-    // Header cluster contents.
-    let mut hdr = vec![0u8; cluster as usize];
-    let mut ext = Vec::new();
-    if let Some(fmt) = &p.backing_format {
-        ext.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-        ext.extend_from_slice(&(fmt.len() as u32).to_be_bytes());
-        ext.extend_from_slice(fmt.as_bytes());
-        ext.resize(ext.len().div_ceil(8) * 8, 0);
-    }
-    ext.extend_from_slice(&[0u8; 8]); // end of extensions
-    let backing_off = V3_HEADER_LEN as usize + ext.len();
-    let backing = p.backing_file.as_deref().unwrap_or("").as_bytes();
-    if backing_off + backing.len() > cluster as usize {
-        return Err(opt(
-            "backing file name does not fit in the header cluster".into()
-        ));
-    }
-    // Cluster allocation: header, refcount table, refcount blocks, L1.
-    let l1_clusters = (l1_size * 8).div_ceil(cluster);
-    let refs_per_block = cluster * 8 / 16;
-    let (mut rt_clusters, mut rb_count) = (1u64, 1u64);
-    loop {
-        let total = 1 + rt_clusters + rb_count + l1_clusters;
-        let rb = total.div_ceil(refs_per_block);
-        let rt = (rb * 8).div_ceil(cluster);
-        if rb == rb_count && rt == rt_clusters {
-            break;
-        }
-        rb_count = rb;
-        rt_clusters = rt;
-    }
-    if rt_clusters * cluster > MAX_REFTABLE_BYTES {
-        return Err(opt("image too large".into()));
-    }
-    let rt_off = cluster;
-    let rb_off = rt_off + rt_clusters * cluster;
-    let l1_off = rb_off + rb_count * cluster;
-    let total = 1 + rt_clusters + rb_count + l1_clusters;
-
-    let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-    put32(&mut hdr, 0, QCOW2_MAGIC);
-    put32(&mut hdr, 4, 3);
-    if !backing.is_empty() {
-        put64(&mut hdr, 8, backing_off as u64);
-        put32(&mut hdr, 16, backing.len() as u32);
-    }
-    put32(&mut hdr, 20, cluster_bits);
-    put64(&mut hdr, 24, p.size);
-    put32(&mut hdr, 32, 0);
-    put32(&mut hdr, 36, l1_size as u32);
-    put64(&mut hdr, 40, l1_off);
-    put64(&mut hdr, 48, rt_off);
-    put32(&mut hdr, 56, rt_clusters as u32);
-    put32(&mut hdr, 96, 4);
-    put32(&mut hdr, 100, V3_HEADER_LEN);
-    hdr[V3_HEADER_LEN as usize..backing_off].copy_from_slice(&ext);
-    hdr[backing_off..backing_off + backing.len()].copy_from_slice(backing);
-
-    let io = |source| BlockError::ImageIo {
-        path: path.to_path_buf(),
-        source,
-    };
-    file.set_len(0).map_err(io)?;
-    file.set_len(total * cluster).map_err(io)?;
-    file.write_all_at(&hdr, 0).map_err(io)?;
-    let mut rt = vec![0u8; (rt_clusters * cluster) as usize];
-    for i in 0..rb_count {
-        put64(&mut rt, (i * 8) as usize, rb_off + i * cluster);
-    }
-    file.write_all_at(&rt, rt_off).map_err(io)?;
-    let mut rb = vec![0u8; (rb_count * cluster) as usize];
-    for c in 0..total {
-        rb[(c * 2) as usize..(c * 2 + 2) as usize].copy_from_slice(&1u16.to_be_bytes());
-    }
-    file.write_all_at(&rb, rb_off).map_err(io)?;
-    file.flush().map_err(io)?;
-    file.sync_all().map_err(io)?;
-    Ok(())
-}
-
 /// Resolve a backing file name relative to the image that names it, as QEMU does.
 pub fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
     let b = Path::new(backing);
@@ -465,67 +340,12 @@ mod tests {
         cluster: u64,
         backing: Option<(&str, &str)>,
     ) -> (crate::testutil::TempDir, PathBuf) {
-        let d = crate::testutil::TempDir::new("qcow2");
-        let p = d.path().join("a.qcow2");
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
-        create(
-            &mut f,
-            &p,
-            &Qcow2CreateParams {
-                size,
-                cluster_size: cluster,
-                backing_file: backing.map(|b| b.0.to_string()),
-                backing_format: backing.map(|b| b.1.to_string()),
-            },
-        )
-        .unwrap();
-        (d, p)
-    }
-
-    #[test]
-    fn created_header_reads_back() {
-        let (_d, p) = make(10 << 30, 65536, Some(("base.raw", "raw")));
-        let h = Qcow2Header::read_path(&p).unwrap();
-        assert_eq!(h.version, 3);
-        assert_eq!(h.size, 10 << 30);
-        assert_eq!(h.cluster_size(), 65536);
-        assert_eq!(h.backing_file.as_deref(), Some("base.raw"));
-        assert_eq!(h.backing_format.as_deref(), Some("raw"));
-        assert_eq!(h.l1_size, 20);
-    }
-
-    #[test]
-    fn small_clusters_need_many_refcount_blocks() {
-        let (_d, p) = make(1 << 30, 512, None);
-        let h = Qcow2Header::read_path(&p).unwrap();
-        assert_eq!(h.cluster_bits, 9);
-        assert_eq!(h.l1_size, 32768);
-    }
-
-    #[test]
-    fn bad_cluster_sizes_are_refused() {
-        let d = crate::testutil::TempDir::new("qcow2");
-        let p = d.path().join("x");
-        let mut f = File::create(&p).unwrap();
-        for c in [0, 256, 3000, 4 << 20] {
-            let r = create(
-                &mut f,
-                &p,
-                &Qcow2CreateParams {
-                    size: 1 << 20,
-                    cluster_size: c,
-                    backing_file: None,
-                    backing_format: None,
-                },
-            );
-            assert!(matches!(r, Err(BlockError::CreateOptions(_))), "{c}");
-        }
+        create::tests::make(&Qcow2CreateParams {
+            cluster_size: cluster,
+            backing_file: backing.map(|b| b.0.to_string()),
+            backing_format: backing.map(|b| b.1.to_string()),
+            ..Qcow2CreateParams::new(size)
+        })
     }
 
     /// Each hostile edit of a good header gives an error, never a panic.
