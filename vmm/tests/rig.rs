@@ -258,6 +258,7 @@ fn virtio_blk_config() -> String {
         "mq.raw",
         "num_queues = 2\nqueue_size = 128\naio = \"io_uring\"\niothread = \"shared\"",
     );
+    t += FULL_DISK_VIRTIO;
     // Throttled to 50 IOPS; its own group (`[disk.throttle]` must come last).
     t += &disk_toml("thr", "thr.raw", "[disk.throttle]\niops_total = 50");
     t += &disk_toml(
@@ -266,6 +267,30 @@ fn virtio_blk_config() -> String {
         "logical_block_size = 4096\nphysical_block_size = 16384\ncache = \"none\"",
     );
     t
+}
+
+/// A disk whose image sits on an 8 MiB file system (disk_job.sh's @SMALL@):
+/// writes past 8 MiB fail on the host with ENOSPC.
+const FULL_DISK_VIRTIO: &str = "[[disk]]\nid = \"full\"\nserial = \"full\"\n\
+    path = \"@SMALL@/full.raw\"\nformat = \"raw\"\ncontroller = \"virtio-blk\"\n\
+    cache = \"writeback\"\n\n";
+
+/// The guest saw host write failures as I/O errors, and the disk kept
+/// working: reads and rewrites of the space it has still verify.
+fn assert_error_path(out: &str) {
+    assert_ne!(
+        value(out, "FULL_WRITE "),
+        Some("0"),
+        "16 MiB written to a disk whose image can hold less than 8 MiB"
+    );
+    let errors: u32 = value(out, "FULL_IOERRORS ").unwrap().parse().unwrap();
+    assert!(errors > 0, "the guest kernel logged no I/O error");
+    assert_eq!(value(out, "FULL_READ "), Some("0"), "reads after the error");
+    assert_eq!(
+        value(out, "FULL_VERIFY "),
+        Some("0"),
+        "rewrite + verify of allocated space after the error"
+    );
 }
 
 /// Run `disk_job.sh` in the rig with a config template (image paths under
@@ -388,6 +413,8 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
         disk_stats(&out, "m-wb-th").contains("write: ops="),
         "writes counted"
     );
+
+    assert_error_path(&out);
 
     assert_eq!(value(&out, "BLOCKSIZES blk4k "), Some("4096 16384"));
     assert_eq!(value(&out, "SMALL_WRITE blk4k "), Some("failed"));
@@ -556,6 +583,8 @@ fn ide_root_disks_and_cdrom_with_ata_piix() {
         "model = \"Platter data1\"\nserial = \"IDE-DATA1\"\ncache = \"none\"\naio = \"io_uring\"",
     );
     t += &ide_disk("cd", "test.iso", 1, 0, "media = \"cdrom\"");
+    // data2's image is on the 8 MiB file system: after its fio verify the
+    // guest writes past the end of the space (the error path).
     t += &ide_disk(
         "data2",
         "data2.raw",
@@ -564,6 +593,7 @@ fn ide_root_disks_and_cdrom_with_ata_piix() {
         "model = \"Platter data2\"\nserial = \"IDE-DATA2\"\ncache = \"writeback\"\naio = \"threads\"\n\
          physical_block_size = 4096",
     );
+    let t = t.replace("@WORK@/data2.raw", "@SMALL@/data2.raw");
     let template = write_template("ide.toml", &t);
     let (rc, out) = disk_job(&template, "vmm/tests/rig/ide_guest.sh");
     assert_eq!(rc, 0, "the rig job failed");
@@ -614,6 +644,8 @@ fn ide_root_disks_and_cdrom_with_ata_piix() {
     );
     assert_eq!(value(&out, "FIO cache_off "), Some("0"));
     assert_eq!(value(&out, "CACHE_ON "), Some("write_back"));
+
+    assert_error_path(&out);
 
     assert_eq!(value(&out, "CD_MOUNT "), Some("0"));
     let sha = value(&out, "ISO_SHA256 ").expect("job made the ISO");

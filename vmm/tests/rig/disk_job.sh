@@ -3,7 +3,8 @@
 # system local to L1 (so O_DIRECT and hole punching behave as on a real host),
 # a copy of the guest root file system with GUEST_SCRIPT in it as
 # /root/test.sh, every raw image the config names, and an ISO9660 image with a
-# random file when the config names test.iso; boots the guest under Platter
+# random file when the config names test.iso, images on a tiny file system
+# for paths under @SMALL@; boots the guest under Platter
 # with the config the test wrote; reports the host side afterwards.
 # Usage: disk_job.sh PLATTER CONFIG_TEMPLATE GUEST_SCRIPT
 set -euo pipefail
@@ -18,19 +19,30 @@ mount -o loop /tmp/disks.fs $work
 cp --sparse=always guests/cache/l2/rootfs.ext4 $work/root.ext4
 mkdir -p /tmp/rootmnt
 mount -o loop $work/root.ext4 /tmp/rootmnt
-install -m 755 "$guest" /tmp/rootmnt/root/test.sh
+cat vmm/tests/rig/guest_lib.sh "$guest" > /tmp/rootmnt/root/test.sh
+chmod 755 /tmp/rootmnt/root/test.sh
 umount /tmp/rootmnt
 
 for img in $(sed -n 's|^path = "@WORK@/\(.*\.raw\)"|\1|p' "$template"); do
     "$platter" img create -f raw "$work/$img" 32M >/dev/null
 done
+# Images under @SMALL@ live on an 8 MiB file system: writes past that fail
+# with ENOSPC, which the guest must see as an I/O error (the error path).
+small=/tmp/small
+if grep -q '@SMALL@/' "$template"; then
+    mkdir -p $small
+    mount -t tmpfs -o size=8m tmpfs $small
+    for img in $(sed -n 's|^path = "@SMALL@/\(.*\.raw\)"|\1|p' "$template"); do
+        "$platter" img create -f raw "$small/$img" 32M >/dev/null
+    done
+fi
 if grep -q '@WORK@/test.iso' "$template"; then
     mkdir -p /tmp/iso
     head -c 1048576 /dev/urandom > /tmp/iso/data.bin
     echo "ISO_SHA256 $(sha256sum < /tmp/iso/data.bin | cut -d' ' -f1)"
     genisoimage -quiet -V PLATTERCD -o $work/test.iso /tmp/iso
 fi
-sed "s|@WORK@|$work|g" "$template" > $work/vm.toml
+sed -e "s|@WORK@|$work|g" -e "s|@SMALL@|$small|g" "$template" > $work/vm.toml
 
 set +e
 "$platter" run $work/vm.toml --rig=never --exit-stats --disk-stats

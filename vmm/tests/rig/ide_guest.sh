@@ -29,6 +29,9 @@ for m in "Platter data1" "Platter data2"; do
     verify "$d"; echo "FIO $(echo "$m" | tr ' ' _) $?"
 done
 
+# Error path: the image's file system fills up at 8 MiB (guest_lib.sh).
+full "$(dev "Platter data2")"
+
 # The guest turns the drive's write cache off (MODE SELECT -> SET FEATURES);
 # libata re-reads IDENTIFY, whose word 85 reports the block layer's state.
 d=$(dev "Platter data1")

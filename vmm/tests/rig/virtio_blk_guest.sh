@@ -47,6 +47,9 @@ d=$(dev mq)
 echo "MQ $(ls /sys/block/$d/mq | wc -l)"
 verify "$d"; echo "FIO mq $?"
 
+# Error path: the image's file system fills up at 8 MiB (guest_lib.sh).
+full "$(dev full)"
+
 # 50 IOPS at most, whatever the queue depth.
 d=$(dev thr)
 fio --name=thr --filename=/dev/$d --direct=1 --ioengine=libaio --iodepth=8 --rw=randread \
