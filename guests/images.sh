@@ -22,6 +22,8 @@ make() { # format file size
 make raw compare-raw-a.raw 128M      # configs/compare.toml
 make raw compare-raw-b.raw 128M
 make qcow2 compare.qcow2 128M
+make raw compare-ide.raw 128M        # configs/compare-ide.toml
+make raw compare-vd.raw 128M
 make raw data.raw 64M                # configs/virtio-blk.toml
 make raw ide0.raw 64M                # configs/ide.toml
 make raw ide1.raw 32M

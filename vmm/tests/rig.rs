@@ -421,6 +421,35 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
     assert_eq!(value(&out, "FIO blk4k "), Some("0"));
 }
 
+/// A disk of a comparison test; the file's extension is its format.
+struct CompareDisk {
+    id: &'static str,
+    file: &'static str,
+    controller: &'static str,
+    /// A `serial = ...` line, or nothing (compare derives one from the id).
+    serial: &'static str,
+    cache: &'static str,
+    aio: &'static str,
+}
+
+/// A disk with a derived serial.
+const fn compare_disk(
+    id: &'static str,
+    file: &'static str,
+    controller: &'static str,
+    cache: &'static str,
+    aio: &'static str,
+) -> CompareDisk {
+    CompareDisk {
+        id,
+        file,
+        controller,
+        serial: "",
+        cache,
+        aio,
+    }
+}
+
 /// The `read:`/`write:` lines `--disk-stats` printed for disk `id`.
 fn disk_stats(out: &str, id: &str) -> String {
     out.lines()
@@ -431,31 +460,52 @@ fn disk_stats(out: &str, id: &str) -> String {
         .join("\n")
 }
 
-/// The disks of the comparison test: (id, file, serial line, cache, aio).
+/// The disks of the comparison test.
 /// The second id is too long for a serial, so compare derives a hashed one.
-const COMPARE_DISKS: [(&str, &str, &str, &str, &str); 3] = [
-    ("raw-none-uring", "a.raw", "", "none", "io_uring"),
-    (
+const COMPARE_DISKS: [CompareDisk; 3] = [
+    compare_disk("raw-none-uring", "a.raw", "virtio-blk", "none", "io_uring"),
+    compare_disk(
         "raw-writeback-threads-disk",
         "b.raw",
-        "",
+        "virtio-blk",
         "writeback",
         "threads",
     ),
-    (
-        "qcow2-none-uring",
-        "c.qcow2",
-        "serial = \"QCOW2-SERIAL\"\n",
-        "none",
-        "io_uring",
-    ),
+    CompareDisk {
+        serial: "serial = \"QCOW2-SERIAL\"\n",
+        ..compare_disk(
+            "qcow2-none-uring",
+            "c.qcow2",
+            "virtio-blk",
+            "none",
+            "io_uring",
+        )
+    },
 ];
 /// The jobs the compare test asks for (vmm/tests/rig/compare_job.sh passes
 /// the same list): one read and one write job keep the two boots short,
 /// which matters in the rig, where long guest runs now and then stall.
 const COMPARE_JOBS: [&str; 2] = ["randread-4k-qd32", "randwrite-4k-qd32"];
 
-fn compare_config() -> String {
+/// IDE beside virtio-blk on equal settings (configs/compare-ide.toml in
+/// small). IDE has one command in flight, so depth-1 jobs.
+const COMPARE_IDE_DISKS: [CompareDisk; 2] = [
+    compare_disk("ide-disk", "i.raw", "ide", "none", "io_uring"),
+    compare_disk("virtio-disk", "v.raw", "virtio-blk", "none", "io_uring"),
+];
+const COMPARE_IDE_JOBS: [&str; 2] = ["randread-4k-qd1", "randwrite-4k-qd1"];
+
+/// Columns of a `platter compare` table row: disk controller format cache
+/// aio job platter_iops qemu_iops ratio platter_MiB/s qemu_MiB/s
+/// platter_exits/io qemu_exits/io.
+const COMPARE_COLUMNS: usize = 13;
+const COL_PLATTER_IOPS: usize = 6;
+const COL_QEMU_IOPS: usize = 7;
+const COL_RATIO: usize = 8;
+const COL_PLATTER_EXITS: usize = 11;
+const COL_QEMU_EXITS: usize = 12;
+
+fn compare_config(disks: &[CompareDisk]) -> String {
     let repo = repo();
     let mut t = format!(
         "[machine]\nvcpus = {DISK_TEST_VCPUS}\nmemory = \"{MEMORY_MIB}M\"\n\n[kernel]\n\
@@ -463,35 +513,44 @@ fn compare_config() -> String {
         k = repo.join("guests/cache/kernel/vmlinuz").display(),
         i = repo.join("guests/cache/l2/initramfs.cpio.gz").display(),
     );
-    for (id, file, serial, cache, aio) in COMPARE_DISKS {
-        let format = file.rsplit('.').next().unwrap();
+    for d in disks {
         t += &format!(
-            "[[disk]]\nid = \"{id}\"\npath = \"@WORK@/{file}\"\nformat = \"{format}\"\n\
-             controller = \"virtio-blk\"\ncache = \"{cache}\"\naio = \"{aio}\"\n{serial}\n"
+            "[[disk]]\nid = \"{}\"\npath = \"@WORK@/{}\"\nformat = \"{}\"\n\
+             controller = \"{}\"\ncache = \"{}\"\naio = \"{}\"\n{}\n",
+            d.id,
+            d.file,
+            d.file.rsplit('.').next().unwrap(),
+            d.controller,
+            d.cache,
+            d.aio,
+            d.serial
         );
     }
     t
 }
 
-#[test]
-fn compare_measures_every_disk_and_job_under_platter_and_qemu() {
-    if !enabled() {
-        return;
-    }
+/// Run `platter compare` with QEMU in the rig on these disks and jobs
+/// (vmm/tests/rig/compare_job.sh), check that it exits 0 with the header it
+/// owes, and return its output with the chart and JSON files.
+fn run_compare(name: &str, disks: &[CompareDisk], jobs: &[&str]) -> (String, PathBuf, PathBuf) {
     let dir = repo().join("guests/cache/tests");
     std::fs::create_dir_all(&dir).unwrap();
-    let template = dir.join("compare.toml");
-    std::fs::write(&template, compare_config()).unwrap();
-    let (chart, json) = (dir.join("compare.svg"), dir.join("compare.json"));
+    let template = dir.join(format!("{name}.toml"));
+    std::fs::write(&template, compare_config(disks)).unwrap();
+    let (chart, json) = (
+        dir.join(format!("{name}.svg")),
+        dir.join(format!("{name}.json")),
+    );
     for f in [&chart, &json] {
         let _ = std::fs::remove_file(f);
     }
     let job = format!(
-        "bash vmm/tests/rig/compare_job.sh '{}' '{}' '{}' '{}'",
+        "bash vmm/tests/rig/compare_job.sh '{}' '{}' '{}' '{}' '{}'",
         env!("CARGO_BIN_EXE_platter"),
         template.display(),
         chart.display(),
-        json.display()
+        json.display(),
+        jobs.join(",")
     );
     let (rc, out) = in_rig(&job);
     assert_eq!(rc, 0, "the rig job failed");
@@ -509,34 +568,68 @@ fn compare_measures_every_disk_and_job_under_platter_and_qemu() {
         out.contains("only the ratios"),
         "the header must say how far to trust it"
     );
+    assert!(
+        !out.contains("exits/io not measured"),
+        "the rig's L1 mounts debugfs: exits per I/O must be measured"
+    );
+    (out, chart, json)
+}
 
-    // One table row per disk x job: disk controller format cache aio job
-    // platter_iops qemu_iops ratio platter_MiB/s qemu_MiB/s.
-    for (id, _, _, cache, aio) in COMPARE_DISKS {
+/// The table row of disk `id`, job `job`, cut into cells.
+fn compare_row<'a>(out: &'a str, id: &str, job: &str) -> Vec<&'a str> {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|c| c.len() == COMPARE_COLUMNS && c[0] == id && c[5] == job)
+        .unwrap_or_else(|| panic!("no table row for {id} {job}"))
+}
+
+/// A table cell's number, when it is one above zero.
+fn positive(cell: &str) -> Option<f64> {
+    cell.parse::<f64>().ok().filter(|v| *v > 0.0)
+}
+
+/// Both VMMs' IOPS and exits per I/O in a row are numbers above zero.
+fn assert_measured(row: &[&str]) {
+    let what = format!("{} {}", row[0], row[5]);
+    for (col, name) in [
+        (COL_PLATTER_IOPS, "Platter IOPS"),
+        (COL_QEMU_IOPS, "QEMU IOPS"),
+        (COL_RATIO, "ratio"),
+        (COL_PLATTER_EXITS, "Platter exits/IO"),
+        (COL_QEMU_EXITS, "QEMU exits/IO"),
+    ] {
+        assert!(
+            positive(row[col]).is_some(),
+            "{name} for {what}: {}",
+            row[col]
+        );
+    }
+}
+
+#[test]
+fn compare_measures_every_disk_and_job_under_platter_and_qemu() {
+    if !enabled() {
+        return;
+    }
+    let (out, chart, json) = run_compare("compare", &COMPARE_DISKS, &COMPARE_JOBS);
+    for d in &COMPARE_DISKS {
         for job in COMPARE_JOBS {
-            let row: Vec<&str> = out
-                .lines()
-                .map(|l| l.split_whitespace().collect::<Vec<_>>())
-                .find(|c| c.len() == 11 && c[0] == id && c[5] == job)
-                .unwrap_or_else(|| panic!("no table row for {id} {job}"));
-            assert_eq!((row[1], row[3], row[4]), ("virtio-blk", cache, aio));
-            for (col, who) in [(6, "Platter"), (7, "QEMU")] {
-                let iops: f64 = row[col].parse().unwrap_or(0.0);
-                assert!(iops > 0.0, "{who} IOPS for {id} {job}: {}", row[col]);
-            }
-            assert!(
-                row[8].parse::<f64>().is_ok_and(|r| r > 0.0),
-                "ratio {}",
-                row[8]
-            );
+            let row = compare_row(&out, d.id, job);
+            assert_eq!((row[1], row[3], row[4]), (d.controller, d.cache, d.aio));
+            assert_measured(&row);
         }
         assert!(
             out.lines()
-                .any(|l| l.starts_with(&format!("{id} (virtio-blk, "))
+                .any(|l| l.starts_with(&format!("{} ({}, ", d.id, d.controller))
                     && l.contains("Platter/QEMU IOPS")),
-            "summary line for {id}"
+            "summary line for {}",
+            d.id
         );
     }
+    assert!(
+        !out.contains("IDE/virtio-blk under"),
+        "no IDE disk, no controller gap"
+    );
 
     let svg = std::fs::read_to_string(&chart).expect("the chart was written");
     assert!(svg.starts_with("<svg"), "not an SVG");
@@ -546,6 +639,49 @@ fn compare_measures_every_disk_and_job_under_platter_and_qemu() {
     assert_eq!(svg.matches("<rect").count(), svg.matches("</rect>").count());
     let numbers = std::fs::read_to_string(&json).expect("the JSON was written");
     assert_eq!(numbers.matches("\"job\": ").count(), bars / 2);
+    assert_eq!(numbers.matches("\"exits_per_io\": ").count(), bars);
+}
+
+/// IDE under Platter and under QEMU (PIIX IDE on the `pc` machine), beside
+/// virtio-blk: every number measured, and IDE's exits per I/O above
+/// virtio-blk's (several port I/O exits per ATA command against about one
+/// notification per request): a property of the devices, not a timing.
+#[test]
+fn compare_ide_beside_virtio_blk() {
+    if !enabled() {
+        return;
+    }
+    let (out, _, json) = run_compare("compare-ide", &COMPARE_IDE_DISKS, &COMPARE_IDE_JOBS);
+    for d in &COMPARE_IDE_DISKS {
+        for job in COMPARE_IDE_JOBS {
+            let row = compare_row(&out, d.id, job);
+            assert_eq!((row[1], row[3], row[4]), (d.controller, d.cache, d.aio));
+            assert_measured(&row);
+        }
+    }
+    let (ide, virtio) = (COMPARE_IDE_DISKS[0].id, COMPARE_IDE_DISKS[1].id);
+    for job in COMPARE_IDE_JOBS {
+        for (col, who) in [(COL_PLATTER_EXITS, "Platter"), (COL_QEMU_EXITS, "QEMU")] {
+            let exits = |id| positive(compare_row(&out, id, job)[col]).unwrap();
+            assert!(
+                exits(ide) > exits(virtio),
+                "{who} {job}: IDE {} exits/IO, virtio-blk {}",
+                exits(ide),
+                exits(virtio)
+            );
+        }
+    }
+    for who in ["Platter", "QEMU"] {
+        assert!(
+            out.lines().any(
+                |l| l.starts_with(&format!("IDE/virtio-blk under {who}: IOPS "))
+                    && l.contains("raw, cache=none, aio=io_uring")
+            ),
+            "controller gap line under {who}"
+        );
+    }
+    let numbers = std::fs::read_to_string(&json).expect("the JSON was written");
+    assert!(numbers.contains("\"exit_counts\": true"), "{numbers}");
 }
 
 /// IDE drive models the guest finds its disks by.

@@ -23,17 +23,19 @@ pub const TAIL_LINES: usize = 15;
 /// How often the wait loop looks at the child.
 const POLL: Duration = Duration::from_millis(200);
 
-/// Run `cmd` to completion or `timeout`; `progress` sees every console line.
+/// Run `cmd` to completion or `timeout`; `progress` sees every console line,
+/// with the child's process id (to look the VMM up while it runs).
 pub fn run(
     mut cmd: Command,
     timeout: Duration,
-    progress: impl Fn(&str) + Send + 'static,
+    mut progress: impl FnMut(u32, &str) + Send + 'static,
 ) -> std::io::Result<Run> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    let pid = child.id();
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let out_reader = std::thread::spawn(move || {
@@ -43,7 +45,7 @@ pub fn run(
         // Lines, not strings: the console may carry bytes that aren't UTF-8.
         while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
             let l = String::from_utf8_lossy(&line);
-            progress(l.trim_end());
+            progress(pid, l.trim_end());
             text.push_str(&l);
             line.clear();
         }
@@ -96,14 +98,19 @@ mod tests {
         c.args(["-c", "echo one; echo two >&2; printf 'three\\r\\n'; exit 3"]);
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        let r = run(c, Duration::from_secs(20), move |l| {
-            s2.lock().unwrap().push(l.to_string())
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let p2 = pids.clone();
+        let r = run(c, Duration::from_secs(20), move |pid, l| {
+            s2.lock().unwrap().push(l.to_string());
+            p2.lock().unwrap().push(pid);
         })
         .unwrap();
         assert_eq!(r.status, Some(3));
         assert_eq!(r.console, "one\nthree\r\n");
         assert_eq!(r.stderr, "two\n");
         assert_eq!(*seen.lock().unwrap(), ["one", "three"]);
+        let pids = pids.lock().unwrap();
+        assert!(pids[0] > 0 && pids[0] != std::process::id() && pids[0] == pids[1]);
         assert!(!r.timed_out);
     }
 
@@ -112,7 +119,7 @@ mod tests {
         let mut c = Command::new("sleep");
         c.arg("30");
         let t = Instant::now();
-        let r = run(c, Duration::from_millis(300), |_| {}).unwrap();
+        let r = run(c, Duration::from_millis(300), |_, _| {}).unwrap();
         assert!(r.timed_out && r.status.is_none());
         assert!(t.elapsed() < Duration::from_secs(10));
     }

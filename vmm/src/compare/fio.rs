@@ -6,7 +6,8 @@
 //! 9 runtime ms, 10-13 submission latency, 14-17 completion latency
 //! (min, max, mean, stdev; usec), 18-37 percentiles, 38-41 total latency,
 //! 42-46 bandwidth statistics; the write side repeats that from 47
-//! (48 bandwidth, 49 IOPS, 57 mean completion latency).
+//! (48 bandwidth, 49 IOPS, 50 runtime ms, 57 mean completion latency).
+//! The number of I/Os a job did is IOPS x runtime on each side.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +20,23 @@ pub struct Sample {
     pub bw_kib: f64,
     /// Mean completion latency in microseconds (weighted by IOPS).
     pub clat_us: f64,
+    /// Read + write I/Os the job completed.
+    pub ios: f64,
+    /// VM exits per I/O during the job (None when KVM's counters could not
+    /// be read; see `kvm_stats`).
+    pub exits_per_io: Option<f64>,
+    /// Of those, port I/O and MMIO exits (the device's registers).
+    pub pio_mmio_per_io: Option<f64>,
+}
+
+impl Sample {
+    /// Fill the per-I/O exit numbers from a job's exit counts.
+    pub fn set_exits(&mut self, c: super::kvm_stats::Counts) {
+        if self.ios > 0.0 {
+            self.exits_per_io = Some(c.exits as f64 / self.ios);
+            self.pio_mmio_per_io = Some((c.io_exits + c.mmio_exits) as f64 / self.ios);
+        }
+    }
 }
 
 /// What one boot reported.
@@ -32,17 +50,18 @@ pub struct Report {
     pub exit: Option<i32>,
 }
 
-const READ: (usize, usize, usize) = (7, 8, 16);
-const WRITE: (usize, usize, usize) = (48, 49, 57);
+/// (bandwidth, IOPS, runtime ms, mean completion latency) fields per side.
+const READ: (usize, usize, usize, usize) = (7, 8, 9, 16);
+const WRITE: (usize, usize, usize, usize) = (48, 49, 50, 57);
 /// The last terse field read; the guest script keeps fields up to here.
-pub const LAST_FIELD: usize = WRITE.2;
+pub const LAST_FIELD: usize = WRITE.3;
 const TERSE_VERSION: &str = "3";
 const GUEST_EXIT: &str = "PLATTER-GUEST-EXIT=";
 
 /// Parse one terse v3 line into (job name, sample).
 pub fn parse_terse(line: &str) -> Result<(String, Sample), String> {
     let f: Vec<&str> = line.trim().split(';').collect();
-    if f.len() < WRITE.2 || f[0] != TERSE_VERSION {
+    if f.len() < LAST_FIELD || f[0] != TERSE_VERSION {
         return Err(format!(
             "not fio terse version 3 output ({} fields)",
             f.len()
@@ -57,8 +76,8 @@ pub fn parse_terse(line: &str) -> Result<(String, Sample), String> {
     if error != 0.0 {
         return Err(format!("fio reported error {error}"));
     }
-    let (rbw, riops, rlat) = (num(READ.0)?, num(READ.1)?, num(READ.2)?);
-    let (wbw, wiops, wlat) = (num(WRITE.0)?, num(WRITE.1)?, num(WRITE.2)?);
+    let (rbw, riops, rms, rlat) = (num(READ.0)?, num(READ.1)?, num(READ.2)?, num(READ.3)?);
+    let (wbw, wiops, wms, wlat) = (num(WRITE.0)?, num(WRITE.1)?, num(WRITE.2)?, num(WRITE.3)?);
     let iops = riops + wiops;
     let clat_us = if iops > 0.0 {
         (rlat * riops + wlat * wiops) / iops
@@ -71,6 +90,9 @@ pub fn parse_terse(line: &str) -> Result<(String, Sample), String> {
             iops,
             bw_kib: rbw + wbw,
             clat_us,
+            ios: ((riops * rms + wiops * wms) / 1000.0).round(),
+            exits_per_io: None,
+            pio_mmio_per_io: None,
         },
     ))
 }
@@ -117,6 +139,7 @@ mod tests {
         }
         f[47] = "81150".into();
         f[48] = "20287".into();
+        f[49] = "2000".into();
         f[56] = "187.690880".into();
         f.join(";")
     }
@@ -128,10 +151,19 @@ mod tests {
         assert_eq!(s.iops, 16541.0);
         assert_eq!(s.bw_kib, 66165.0);
         assert!((s.clat_us - 44.420858).abs() < 1e-9);
-        let (job, s) = parse_terse(&write_line()).unwrap();
+        // 16541 IOPS over 1003 ms (66364 KiB / 4 KiB = 16591 I/Os).
+        assert_eq!(s.ios, 16591.0);
+        assert_eq!(s.exits_per_io, None);
+        let (job, mut s) = parse_terse(&write_line()).unwrap();
         assert_eq!(job, "randwrite-4k-qd4");
-        assert_eq!((s.iops, s.bw_kib), (20287.0, 81150.0));
+        assert_eq!((s.iops, s.bw_kib, s.ios), (20287.0, 81150.0, 40574.0));
         assert!((s.clat_us - 187.69088).abs() < 1e-9);
+        s.set_exits(crate::compare::kvm_stats::Counts {
+            exits: 81148,
+            io_exits: 40574,
+            mmio_exits: 0,
+        });
+        assert_eq!((s.exits_per_io, s.pio_mmio_per_io), (Some(2.0), Some(1.0)));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! job:
 //!
 //! ```text
+//! CMPGO <serial> <job>                        just before each job
+//! CMPEND                                       just after it (kvm_stats)
 //! CMP <serial> <fio terse v3 fields 1..57>     one per job that ran
 //! CMPFAIL <serial> <job|fill|disk> <status>    followed by fio's last lines
 //! ```
@@ -36,9 +38,10 @@ f(){ echo CMPFAIL $s $1 $2;tail -5 /tmp/e /tmp/o;r=1;}
 [ ${x#*:} = rw ]&&{ dd if=/dev/zero of=/dev/$v bs=1M count=$M oflag=direct 2>/tmp/e||f fill $?;}
 for j in $J;do case $j in *write*)[ ${x#*:} = rw ]||continue;;esac
 set -- $(echo $j|tr - ' ')
-fio --name=$j --filename=/dev/$v --rw=$1 --bs=$2 --iodepth=${3#qd} --direct=1 \
---ioengine=libaio --time_based --runtime=$T --size=$S --output-format=terse \
---terse-version=3 >/tmp/o 2>/tmp/e&&echo \"CMP $s $(grep '^3;' /tmp/o|cut -d';' -f1-@F@)\"||f $j $?
+echo CMPGO $s $j;fio --name=$j --filename=/dev/$v --rw=$1 --bs=$2 --iodepth=${3#qd} \
+--direct=1 --ioengine=libaio --time_based --runtime=$T --size=$S --output-format=terse \
+--terse-version=3 >/tmp/o 2>/tmp/e;e=$?;echo CMPEND
+[ $e = 0 ]&&echo \"CMP $s $(grep '^3;' /tmp/o|cut -d';' -f1-@F@)\"||f $j $e
 done;done;exit $r";
 
 /// The script for these disks and jobs.
@@ -170,6 +173,7 @@ mod tests {
         );
         assert!(s.contains("D='disk-0:rw disk-1:ro'"), "{s}");
         assert!(s.contains(&format!("-f1-{TERSE_FIELDS}")));
+        assert!(s.contains("echo CMPGO $s $j;fio ") && s.contains(";echo CMPEND\n"));
     }
 
     #[test]

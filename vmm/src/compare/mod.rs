@@ -6,19 +6,22 @@
 //!  compare ──> platter run CONFIG --rig=never --set kernel.cmdline=... rig.cmd=<script>
 //!         └──> qemu-system-x86_64 ... -append <same cmdline>       (--qemu)
 //!  console: CMP <serial> <fio terse>  ──>  table, --chart SVG, --json
+//!  console: CMPGO / CMPEND  ──>  KVM's exit counters (debugfs)  ──>  exits/IO
 //! ```
 //!
 //! Files: [`plan`] (jobs, disks, serials), [`guest`] (the script and kernel
 //! command line), [`qemu`] (QEMU's arguments), [`boot`] (running a VMM with
-//! a timeout), [`fio`] (console parsing), [`results`] (ratios, JSON),
-//! [`table`] and [`svg`] (the report).
+//! a timeout), [`fio`] (console parsing), [`kvm_stats`] (VM exits per job),
+//! [`results`] (ratios, JSON), [`table`] and [`svg`] (the report).
 
 mod boot;
 mod fio;
 mod guest;
+mod kvm_stats;
 mod plan;
 mod qemu;
 mod results;
+mod scratch;
 mod svg;
 mod table;
 
@@ -118,6 +121,8 @@ struct Plan {
     qemu: Option<(PathBuf, Vec<String>)>,
     cmdline: String,
     timeout: Duration,
+    /// In the rig: the L1-local copies of images that were on 9p.
+    _scratch: Option<scratch::Scratch>,
 }
 
 /// Run the comparison; prints the table on stdout, progress on stderr.
@@ -131,6 +136,7 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
         runtime: args.runtime,
         size: plan.size,
         in_rig: in_rig(),
+        exits: kvm_stats::available(Path::new(kvm_stats::KVM_DEBUGFS)),
     };
     let runs: usize = plan
         .subjects
@@ -174,6 +180,7 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
         );
     }
     print!("\n{}", table::render(&disks));
+    print!("{}", table::gap_lines(&disks));
     if let Some(path) = &args.chart {
         let title = match qemu {
             Some(_) => format!("Platter vs QEMU: {}", info.config),
@@ -193,12 +200,28 @@ fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
     let jobs = plan::parse_jobs(&args.jobs).map_err(Error::Usage)?;
     let size = plan::parse_size(&args.size).map_err(Error::Usage)?;
     let first = Config::load(&args.config, &args.set).map_err(|e| Error::Usage(e.to_string()))?;
-    let subjects = plan::subjects(&first).map_err(usage)?;
+    let mut subjects = plan::subjects(&first).map_err(usage)?;
     for s in &subjects {
         plan::check_size(s, size).map_err(usage)?;
     }
     let mut overrides = args.set.clone();
     overrides.extend(plan::serial_overrides(&subjects));
+    let mut local = None;
+    if in_rig() {
+        match scratch::Scratch::for_subjects(&mut subjects) {
+            Ok(Some((fs, paths))) => {
+                eprintln!(
+                    "platter compare: in the rig, measuring copies of the 9p-hosted images on an \
+                     L1-local ext4 file system ({}); the originals are not written",
+                    fs.mount_point().display()
+                );
+                overrides.extend(paths);
+                local = Some(fs);
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("platter compare: cannot make local copies of the images ({e}); measuring them on 9p"),
+        }
+    }
     // The console is where the results come back.
     overrides.push("serial.mode=\"stdio\"".into());
     // Load again with the serials, so they go through the same validation.
@@ -244,6 +267,7 @@ fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
         qemu,
         cmdline,
         timeout,
+        _scratch: local,
     })
 }
 
@@ -269,14 +293,26 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
         .iter()
         .map(|s| (s.serial.clone(), s.disk.id.clone()))
         .collect();
-    let progress = move |line: &str| {
+    let meter = std::sync::Arc::new(std::sync::Mutex::new(kvm_stats::ExitMeter::new(Path::new(
+        kvm_stats::KVM_DEBUGFS,
+    ))));
+    let meter_in = meter.clone();
+    let progress = move |pid: u32, line: &str| {
+        let Ok(mut m) = meter_in.lock() else { return };
+        m.line(pid, line);
         if let Some((serial, terse)) = line.strip_prefix("CMP ").and_then(|r| r.split_once(' ')) {
             let id = names
                 .iter()
                 .find(|(s, _)| s == serial)
                 .map_or(serial, |(_, id)| id.as_str());
-            if let Ok((job, s)) = fio::parse_terse(terse) {
-                eprintln!("  {who:<8} {id:<16} {job:<20} {:>10.0} IOPS", s.iops);
+            if let Ok((job, mut s)) = fio::parse_terse(terse) {
+                if let Some(c) = m.jobs.get(&(serial.to_string(), job.clone())) {
+                    s.set_exits(*c);
+                }
+                let exits = s
+                    .exits_per_io
+                    .map_or(String::new(), |e| format!(", {e:.1} exits/IO"));
+                eprintln!("  {who:<8} {id:<16} {job:<20} {:>10.0} IOPS{exits}", s.iops);
             }
         } else if line.starts_with("CMPFAIL ") {
             eprintln!("  {who:<8} {line}");
@@ -284,7 +320,14 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
     };
     let run = boot::run(cmd, plan.timeout, progress)
         .map_err(|e| Error::Usage(format!("cannot start {who}: {e}")))?;
-    let report = fio::parse_console(&run.console);
+    let mut report = fio::parse_console(&run.console);
+    if let Ok(m) = meter.lock() {
+        for (key, counts) in &m.jobs {
+            if let Some(s) = report.samples.get_mut(key) {
+                s.set_exits(*counts);
+            }
+        }
+    }
     let problem = if run.timed_out {
         Some(format!(
             "{who}: the guest had not finished after {} s; killed it",

@@ -104,6 +104,88 @@ pub fn collect(
         .collect()
 }
 
+/// IDE against virtio-blk on equal format, cache and aio, under one VMM:
+/// the gap between the emulated and the paravirtual controller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControllerGap {
+    /// "Platter" or "QEMU".
+    pub vmm: &'static str,
+    /// `raw, cache=none, aio=io_uring`.
+    pub settings: String,
+    /// IDE IOPS / virtio-blk IOPS, geometric mean over the job pairs.
+    pub iops_ratio: f64,
+    /// How many (IDE job, virtio-blk job) pairs that is.
+    pub pairs: usize,
+    /// Mean exits per I/O of the IDE and of the virtio-blk jobs, when counted.
+    pub exits: Option<(f64, f64)>,
+}
+
+/// The controller gaps a result set shows: for each VMM and each format,
+/// cache and aio that both an IDE and a virtio-blk disk have, every job the
+/// two ran is a pair.
+pub fn controller_gaps(disks: &[DiskResult]) -> Vec<ControllerGap> {
+    let settings = |d: &DiskResult| format!("{}, cache={}, aio={}", d.format, d.cache, d.aio);
+    let mut groups: Vec<String> = Vec::new();
+    for d in disks.iter().filter(|d| d.controller == "ide") {
+        let g = settings(d);
+        let twin = disks
+            .iter()
+            .any(|v| v.controller == "virtio-blk" && settings(v) == g);
+        if twin && !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    type Pick = fn(&JobResult) -> Option<Sample>;
+    let vmms: [(&'static str, Pick); 2] = [("Platter", |j| j.platter), ("QEMU", |j| j.qemu)];
+    let mut out = Vec::new();
+    for (vmm, pick) in vmms {
+        for g in &groups {
+            let of = |controller: &str| -> Vec<(&str, Sample)> {
+                disks
+                    .iter()
+                    .filter(|d| d.controller == controller && settings(d) == *g)
+                    .flat_map(|d| d.jobs.iter())
+                    .filter_map(|j| pick(j).map(|s| (j.job.as_str(), s)))
+                    .collect()
+            };
+            let (ide, virtio) = (of("ide"), of("virtio-blk"));
+            let pairs: Vec<(Sample, Sample)> = ide
+                .iter()
+                .flat_map(|(job, i)| {
+                    virtio
+                        .iter()
+                        .filter(move |(vj, _)| vj == job)
+                        .map(move |(_, v)| (*i, *v))
+                })
+                .filter(|(i, v)| i.iops > 0.0 && v.iops > 0.0)
+                .collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            let n = pairs.len() as f64;
+            let iops_ratio = (pairs
+                .iter()
+                .map(|(i, v)| (i.iops / v.iops).ln())
+                .sum::<f64>()
+                / n)
+                .exp();
+            let mean = |side: fn(&(Sample, Sample)) -> Option<f64>| -> Option<f64> {
+                let all: Option<Vec<f64>> = pairs.iter().map(side).collect();
+                all.map(|v| v.iter().sum::<f64>() / n)
+            };
+            let exits = mean(|p| p.0.exits_per_io).zip(mean(|p| p.1.exits_per_io));
+            out.push(ControllerGap {
+                vmm,
+                settings: g.clone(),
+                iops_ratio,
+                pairs: pairs.len(),
+                exits,
+            });
+        }
+    }
+    out
+}
+
 /// Settings recorded with the numbers.
 pub struct RunInfo {
     /// The config compared.
@@ -114,25 +196,34 @@ pub struct RunInfo {
     pub size: u64,
     /// Whether this ran in the nested rig (numbers distorted by emulation).
     pub in_rig: bool,
+    /// Whether KVM's per-VM exit counters could be read (exits per I/O).
+    pub exits: bool,
 }
 
 /// JSON text of the results (no dependency: the shapes are fixed).
 pub fn to_json(info: &RunInfo, disks: &[DiskResult]) -> String {
-    let sample = |s: Option<Sample>| match s {
+    let opt = |x: Option<f64>| x.map_or("null".into(), num);
+    let sample = |s: Option<Sample>| {
+        match s {
         Some(s) => format!(
-            "{{\"iops\": {}, \"bw_kib\": {}, \"clat_mean_us\": {}}}",
+            "{{\"iops\": {}, \"bw_kib\": {}, \"clat_mean_us\": {}, \"ios\": {}, \"exits_per_io\": {}, \"pio_mmio_exits_per_io\": {}}}",
             num(s.iops),
             num(s.bw_kib),
-            num(s.clat_us)
+            num(s.clat_us),
+            num(s.ios),
+            opt(s.exits_per_io),
+            opt(s.pio_mmio_per_io)
         ),
         None => "null".into(),
+    }
     };
     let mut out = format!(
-        "{{\n  \"config\": {},\n  \"runtime_s\": {},\n  \"size_bytes\": {},\n  \"in_rig\": {},\n  \"disks\": [",
+        "{{\n  \"config\": {},\n  \"runtime_s\": {},\n  \"size_bytes\": {},\n  \"in_rig\": {},\n  \"exit_counts\": {},\n  \"disks\": [",
         quote(&info.config),
         info.runtime,
         info.size,
-        info.in_rig
+        info.in_rig,
+        info.exits
     );
     for (i, d) in disks.iter().enumerate() {
         out += if i == 0 { "\n" } else { ",\n" };
@@ -194,6 +285,9 @@ pub(super) mod tests {
             iops,
             bw_kib: iops * 4.0,
             clat_us: 100.0,
+            ios: iops,
+            exits_per_io: None,
+            pio_mmio_per_io: None,
         }
     }
 
@@ -234,19 +328,53 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn ide_is_compared_with_virtio_blk_on_equal_settings() {
+        let mut ide = disk("i", &[("r", 100.0, Some(50.0)), ("w", 400.0, None)]);
+        ide.controller = "ide".into();
+        let virtio = disk("v", &[("r", 400.0, Some(200.0)), ("w", 400.0, Some(1.0))]);
+        let mut other = disk("o", &[("r", 1.0, Some(1.0))]);
+        other.cache = "writeback".into();
+        let mut v = virtio.clone();
+        for (d, e) in [(&mut ide, 40.0), (&mut v, 5.0)] {
+            for j in &mut d.jobs {
+                j.platter.as_mut().unwrap().exits_per_io = Some(e);
+            }
+        }
+        let gaps = controller_gaps(&[ide.clone(), v, other.clone()]);
+        assert_eq!(gaps.len(), 2, "{gaps:?}");
+        assert_eq!(
+            (gaps[0].vmm, gaps[0].settings.as_str(), gaps[0].pairs),
+            ("Platter", "raw, cache=none, aio=io_uring", 2)
+        );
+        assert!((gaps[0].iops_ratio - 0.5).abs() < 1e-12, "{gaps:?}");
+        assert_eq!(gaps[0].exits, Some((40.0, 5.0)));
+        // QEMU ran only the read job on the IDE disk.
+        assert_eq!(
+            (gaps[1].vmm, gaps[1].pairs, gaps[1].exits),
+            ("QEMU", 1, None)
+        );
+        assert!((gaps[1].iops_ratio - 0.25).abs() < 1e-12);
+        // No IDE disk, or none on the virtio disk's settings: no gap.
+        assert!(controller_gaps(&[virtio.clone(), other.clone()]).is_empty());
+        ide.cache = "writeback".into();
+        assert_eq!(controller_gaps(&[ide, virtio]).len(), 0);
+    }
+
+    #[test]
     fn json_has_every_number() {
         let info = RunInfo {
             config: "c\"fg.toml".into(),
             runtime: 5,
             size: 1 << 20,
             in_rig: true,
+            exits: true,
         };
-        let j = to_json(
-            &info,
-            &[disk("a", &[("r", 2.5, Some(1.0)), ("w", 1.0, None)])],
-        );
+        let mut d = disk("a", &[("r", 2.5, Some(1.0)), ("w", 1.0, None)]);
+        d.jobs[0].platter.as_mut().unwrap().exits_per_io = Some(12.25);
+        let j = to_json(&info, &[d]);
         assert!(j.contains("\"config\": \"c\\\"fg.toml\""), "{j}");
-        assert!(j.contains("{\"job\": \"r\", \"platter\": {\"iops\": 2.5, \"bw_kib\": 10, \"clat_mean_us\": 100}, \"qemu\": {\"iops\": 1, \"bw_kib\": 4, \"clat_mean_us\": 100}, \"ratio\": 2.5}"), "{j}");
+        assert!(j.contains("{\"job\": \"r\", \"platter\": {\"iops\": 2.5, \"bw_kib\": 10, \"clat_mean_us\": 100, \"ios\": 2.5, \"exits_per_io\": 12.25, \"pio_mmio_exits_per_io\": null}, \"qemu\": {\"iops\": 1, \"bw_kib\": 4, \"clat_mean_us\": 100, \"ios\": 1, \"exits_per_io\": null, \"pio_mmio_exits_per_io\": null}, \"ratio\": 2.5}"), "{j}");
+        assert!(j.contains("\"exit_counts\": true,"), "{j}");
         assert!(j.contains("\"qemu\": null, \"ratio\": null"), "{j}");
         assert_eq!(j.matches('{').count(), j.matches('}').count());
         assert_eq!(quote("a\nb"), "\"a\\u000ab\"");

@@ -1,10 +1,12 @@
 //! The text report: a header saying what was measured and how far to trust
-//! it, one row per disk x job, and a summary line per disk.
+//! it, one row per disk x job, a summary line per disk, and the IDE /
+//! virtio-blk gap when the config has both on equal settings.
 
-use super::results::{DiskResult, RunInfo};
+use super::fio::Sample;
+use super::results::{controller_gaps, DiskResult, RunInfo};
 
 /// Column headings; the rows line up under them.
-const HEADINGS: [&str; 11] = [
+const HEADINGS: [&str; 13] = [
     "disk",
     "controller",
     "format",
@@ -16,7 +18,11 @@ const HEADINGS: [&str; 11] = [
     "ratio",
     "platter_MiB/s",
     "qemu_MiB/s",
+    "platter_exits/io",
+    "qemu_exits/io",
 ];
+/// The first column holding a number (right-aligned from here on).
+const FIRST_NUMBER: usize = 6;
 
 /// The lines above the table.
 pub fn header(info: &RunInfo, qemu: bool) -> String {
@@ -36,19 +42,25 @@ pub fn header(info: &RunInfo, qemu: bool) -> String {
         h += ";\nthis ran in the nested rig, where emulation distorts every absolute number (see shared/RIG.md)";
     }
     h += ".\n";
+    if info.exits {
+        h += "exits/io = the VM's vCPU exits during the job (KVM's own counters) / the I/Os fio completed.\n";
+    } else {
+        h += "exits/io not measured (shown as -): KVM's counters in /sys/kernel/debug/kvm need root and debugfs mounted.\n";
+    }
     h
 }
 
 /// The table and the per-disk summaries.
 pub fn render(disks: &[DiskResult]) -> String {
-    let mut rows: Vec<[String; 11]> = vec![HEADINGS.map(String::from)];
+    let mut rows: Vec<[String; 13]> = vec![HEADINGS.map(String::from)];
+    let iops = |s: Option<Sample>| s.map_or("-".into(), |s| format!("{:.0}", s.iops));
+    let mib = |s: Option<Sample>| s.map_or("-".into(), |s| format!("{:.1}", s.bw_kib / 1024.0));
+    let exits = |s: Option<Sample>| {
+        s.and_then(|s| s.exits_per_io)
+            .map_or("-".into(), |e| format!("{e:.1}"))
+    };
     for d in disks {
         for j in &d.jobs {
-            let iops =
-                |s: Option<super::fio::Sample>| s.map_or("-".into(), |s| format!("{:.0}", s.iops));
-            let mib = |s: Option<super::fio::Sample>| {
-                s.map_or("-".into(), |s| format!("{:.1}", s.bw_kib / 1024.0))
-            };
             rows.push([
                 d.id.clone(),
                 d.controller.clone(),
@@ -61,6 +73,8 @@ pub fn render(disks: &[DiskResult]) -> String {
                 j.ratio().map_or("-".into(), |r| format!("{r:.2}")),
                 mib(j.platter),
                 mib(j.qemu),
+                exits(j.platter),
+                exits(j.qemu),
             ]);
         }
     }
@@ -74,7 +88,7 @@ pub fn render(disks: &[DiskResult]) -> String {
             .enumerate()
             .map(|(c, v)| {
                 // Text left-aligned, numbers right-aligned.
-                if c < 6 {
+                if c < FIRST_NUMBER {
                     format!("{v:<w$}", w = widths[c])
                 } else {
                     format!("{v:>w$}", w = widths[c])
@@ -100,10 +114,34 @@ pub fn render(disks: &[DiskResult]) -> String {
     out
 }
 
+/// One line per VMM and setting where IDE and virtio-blk disks ran the same
+/// jobs: how far the emulated controller is behind (empty otherwise).
+pub fn gap_lines(disks: &[DiskResult]) -> String {
+    let mut out = String::new();
+    for g in controller_gaps(disks) {
+        out += &format!(
+            "IDE/virtio-blk under {}: IOPS {:.2} (geometric mean of {} jobs; {})",
+            g.vmm, g.iops_ratio, g.pairs, g.settings
+        );
+        if let Some((ide, virtio)) = g.exits {
+            out += &format!("; exits/IO {ide:.1} vs {virtio:.1}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::results::tests::disk;
     use super::*;
+
+    fn info_clone(i: &RunInfo) -> RunInfo {
+        RunInfo {
+            config: i.config.clone(),
+            ..*i
+        }
+    }
 
     #[test]
     fn table_has_a_row_per_disk_and_job() {
@@ -136,13 +174,15 @@ mod tests {
                 "500",
                 "2.00",
                 "3.9",
-                "2.0"
+                "2.0",
+                "-",
+                "-"
             ]
         );
         assert_eq!(lines[2].split_whitespace().nth(8), Some("0.50"));
         assert_eq!(
             lines[3].split_whitespace().collect::<Vec<_>>()[6..],
-            ["7", "-", "-", "0.0", "-"]
+            ["7", "-", "-", "0.0", "-", "-", "-"]
         );
         assert!(t.contains("a (virtio-blk, raw, cache=none, aio=io_uring): Platter/QEMU IOPS 1.00 (geometric mean of 2 jobs)"), "{t}");
         assert!(
@@ -152,18 +192,74 @@ mod tests {
     }
 
     #[test]
+    fn exits_per_io_columns_and_the_controller_gap() {
+        let mut ide = disk("hd", &[("randread-4k-qd1", 300.0, Some(250.0))]);
+        ide.controller = "ide".into();
+        let mut virtio = disk("vd", &[("randread-4k-qd1", 1200.0, Some(1000.0))]);
+        for (d, p, q) in [(&mut ide, 38.26, 41.0), (&mut virtio, 5.04, 5.2)] {
+            d.jobs[0].platter.as_mut().unwrap().exits_per_io = Some(p);
+            d.jobs[0].qemu.as_mut().unwrap().exits_per_io = Some(q);
+        }
+        let disks = [ide, virtio];
+        let t = render(&disks);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].ends_with("platter_MiB/s  qemu_MiB/s  platter_exits/io  qemu_exits/io"),
+            "{t}"
+        );
+        let cells = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            cells(lines[1])[1..],
+            [
+                "ide",
+                "raw",
+                "none",
+                "io_uring",
+                "randread-4k-qd1",
+                "300",
+                "250",
+                "1.20",
+                "1.2",
+                "1.0",
+                "38.3",
+                "41.0"
+            ]
+        );
+        assert_eq!(cells(lines[2])[11..], ["5.0", "5.2"]);
+        // Numbers right-aligned under their headings.
+        assert_eq!(lines[0].len(), lines[1].len(), "{t}");
+        let g = gap_lines(&disks);
+        assert_eq!(
+            g,
+            "IDE/virtio-blk under Platter: IOPS 0.25 (geometric mean of 1 jobs; raw, cache=none, aio=io_uring); exits/IO 38.3 vs 5.0\n\
+             IDE/virtio-blk under QEMU: IOPS 0.25 (geometric mean of 1 jobs; raw, cache=none, aio=io_uring); exits/IO 41.0 vs 5.2\n"
+        );
+        assert_eq!(gap_lines(&disks[1..]), "");
+    }
+
+    #[test]
     fn header_warns_about_the_rig() {
         let info = RunInfo {
             config: "c.toml".into(),
             runtime: 2,
             size: 16 << 20,
             in_rig: true,
+            exits: false,
         };
         let h = header(&info, true);
         assert!(
             h.contains("only the ratios") && h.contains("nested rig"),
             "{h}"
         );
+        assert_eq!(h.matches("exits/io not measured").count(), 1, "{h}");
+        assert!(header(
+            &RunInfo {
+                exits: true,
+                ..info_clone(&info)
+            },
+            true
+        )
+        .contains("KVM's own counters"));
         assert!(header(
             &RunInfo {
                 in_rig: false,

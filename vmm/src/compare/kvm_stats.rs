@@ -1,0 +1,214 @@
+//! VM exits per I/O, counted by the kernel the same way for any VMM.
+//!
+//! KVM keeps a debugfs directory per VM, `<debugfs>/kvm/<pid>-<fd>/`, named
+//! after the task that created the VM and the VM's file descriptor; its
+//! files hold the VM's statistics, the per-vCPU counters summed over the
+//! vCPUs (Linux 6.1, arch/x86/kvm/x86.c, `kvm_vcpu_stats_desc`): `exits`,
+//! `io_exits` (port I/O), `mmio_exits` (MMIO handed to user space), ...
+//! It needs root and a mounted debugfs; the rig's L1 has both
+//! (guests/l1-init).
+//!
+//! The guest script brackets each fio job with markers; a snapshot at each
+//! gives the job's exits:
+//!
+//! ```text
+//!  CMPGO <serial> <job>   snapshot ─┐
+//!  (fio runs)                       │ delta = the job's exits
+//!  CMPEND                 snapshot ─┘ (before the long CMP line is printed)
+//!  CMP <serial> <terse>
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where KVM's per-VM directories are on a normal host.
+pub const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
+/// The marker the guest prints just before a job.
+pub const GO: &str = "CMPGO ";
+/// The marker the guest prints just after a job.
+pub const END: &str = "CMPEND";
+
+/// Counters of one VM (or the sum over several).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Every vCPU exit, handled in the kernel or in user space.
+    pub exits: u64,
+    /// Port I/O exits.
+    pub io_exits: u64,
+    /// MMIO exits that reached user space.
+    pub mmio_exits: u64,
+}
+
+impl Counts {
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: Counts) -> Counts {
+        Counts {
+            exits: self.exits.saturating_sub(earlier.exits),
+            io_exits: self.io_exits.saturating_sub(earlier.io_exits),
+            mmio_exits: self.mmio_exits.saturating_sub(earlier.mmio_exits),
+        }
+    }
+}
+
+/// Whether `root` (KVM's debugfs directory) can be listed at all.
+pub fn available(root: &Path) -> bool {
+    std::fs::read_dir(root).is_ok()
+}
+
+/// The process `pid` and its threads: KVM names a VM's directory after the
+/// task that created it, which need not be the main thread.
+pub fn process_ids(pid: u32) -> Vec<u32> {
+    let mut ids = vec![pid];
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        ids.extend(
+            tasks
+                .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|t| *t != pid),
+        );
+    }
+    ids
+}
+
+/// The counters summed over every VM one of `ids` created (a VMM may have
+/// made and closed a probe VM first; a closed VM's directory is gone, and a
+/// live idle one only adds a constant). None when there is no such VM or its
+/// files can't be read.
+pub fn read(root: &Path, ids: &[u32]) -> Option<Counts> {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name();
+            let (pid, _fd) = name.to_str()?.split_once('-')?;
+            ids.contains(&pid.parse().ok()?).then(|| e.path())
+        })
+        .collect();
+    if dirs.is_empty() {
+        return None;
+    }
+    let mut sum = Counts::default();
+    for d in dirs {
+        let n = |f: &str| -> Option<u64> {
+            std::fs::read_to_string(d.join(f)).ok()?.trim().parse().ok()
+        };
+        sum.exits += n("exits")?;
+        sum.io_exits += n("io_exits")?;
+        sum.mmio_exits += n("mmio_exits")?;
+    }
+    Some(sum)
+}
+
+/// Turns the guest's markers into per-job exit counts for one VMM process.
+#[derive(Debug)]
+pub struct ExitMeter {
+    root: PathBuf,
+    /// The job running now and the counters when it started.
+    running: Option<((String, String), Counts)>,
+    /// (serial, job) -> exits during the job.
+    pub jobs: BTreeMap<(String, String), Counts>,
+}
+
+impl ExitMeter {
+    /// A meter reading KVM's directories under `root`.
+    pub fn new(root: &Path) -> ExitMeter {
+        ExitMeter {
+            root: root.to_path_buf(),
+            running: None,
+            jobs: BTreeMap::new(),
+        }
+    }
+
+    /// Look at one console line of the VMM `pid`; snapshots at the markers.
+    pub fn line(&mut self, pid: u32, line: &str) {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix(GO) {
+            self.running = rest.split_once(' ').and_then(|(serial, job)| {
+                let now = read(&self.root, &process_ids(pid))?;
+                Some(((serial.to_string(), job.trim().to_string()), now))
+            });
+        } else if line.trim_end() == END {
+            if let Some((key, start)) = self.running.take() {
+                if let Some(now) = read(&self.root, &process_ids(pid)) {
+                    self.jobs.insert(key, now.since(start));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(root: &Path, name: &str, exits: u64, io: u64, mmio: u64) {
+        let d = root.join(name);
+        std::fs::create_dir_all(d.join("vcpu0")).unwrap();
+        for (f, v) in [("exits", exits), ("io_exits", io), ("mmio_exits", mmio)] {
+            std::fs::write(d.join(f), format!("{v}\n")).unwrap();
+        }
+        std::fs::write(d.join("halt_exits"), "7\n").unwrap();
+    }
+
+    fn fake_root(tag: &str) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("platter-kvm-stats-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        root
+    }
+
+    #[test]
+    fn reads_and_sums_the_vms_of_a_process() {
+        let root = fake_root("read");
+        vm(&root, "4242-11", 1000, 300, 20);
+        vm(&root, "4243-12", 5, 1, 1);
+        vm(&root, "99-11", 77, 7, 7);
+        assert_eq!(
+            read(&root, &[4242]),
+            Some(Counts {
+                exits: 1000,
+                io_exits: 300,
+                mmio_exits: 20
+            })
+        );
+        // A thread of the process made the second VM.
+        assert_eq!(read(&root, &[4242, 4243]).map(|c| c.exits), Some(1005));
+        assert_eq!(read(&root, &[1]), None);
+        assert_eq!(read(&root.join("missing"), &[4242]), None);
+        assert!(available(&root) && !available(&root.join("missing")));
+        std::fs::remove_file(root.join("99-11/mmio_exits")).unwrap();
+        assert_eq!(
+            read(&root, &[99]),
+            None,
+            "an unreadable counter is no count"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn markers_bracket_each_job() {
+        let root = fake_root("meter");
+        let pid = 4_000_000_000; // no such process: its own id is all there is
+        let name = format!("{pid}-9");
+        vm(&root, &name, 100, 10, 1);
+        let mut m = ExitMeter::new(&root);
+        m.line(pid, "CMPGO SER-A randread-4k-qd1\r");
+        vm(&root, &name, 400, 160, 2);
+        m.line(pid, "some other line");
+        m.line(pid, "CMPEND\r");
+        m.line(pid, "CMPEND");
+        m.line(pid, "CMPGO SER-B randwrite-4k-qd1");
+        std::fs::remove_dir_all(root.join(&name)).unwrap();
+        m.line(pid, "CMPEND");
+        assert_eq!(m.jobs.len(), 1, "{:?}", m.jobs);
+        assert_eq!(
+            m.jobs[&("SER-A".to_string(), "randread-4k-qd1".to_string())],
+            Counts {
+                exits: 300,
+                io_exits: 150,
+                mmio_exits: 1
+            }
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

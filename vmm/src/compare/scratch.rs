@@ -1,0 +1,115 @@
+//! In the nested rig, disk images under the repository live on 9p, which is
+//! slow and synchronous enough to hide what the VMMs do. A user's host has
+//! its images on a local file system; so that the rig measures that, compare
+//! copies the measured images to an ext4 file system local to L1 (a loop
+//! device on L1's own tmpfs) for both VMMs, and leaves the originals alone.
+//!
+//! Only images without a backing file are copied (a chain would need its
+//! relative paths kept); the others stay where they are and the report says so.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::plan::Subject;
+
+/// Room for the file system's own metadata on top of the images.
+const SLACK: u64 = 64 << 20;
+
+/// A mounted scratch file system; unmounted and removed on drop.
+pub struct Scratch {
+    mount: PathBuf,
+    image: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Whether an image can be copied on its own (no backing file).
+fn standalone(path: &Path) -> bool {
+    platter_block::img::info(path).is_ok_and(|i| i.backing_file.is_none())
+}
+
+impl Scratch {
+    /// Copy the images of `subjects` that are on 9p and point them at the
+    /// copies; returns the scratch file system and the `--set` overrides that
+    /// do the same for the VMMs, or `None` when nothing needed copying.
+    pub fn for_subjects(
+        subjects: &mut [Subject],
+    ) -> Result<Option<(Scratch, Vec<String>)>, String> {
+        let movable: Vec<&mut Subject> = subjects
+            .iter_mut()
+            .filter(|s| super::plan::on_9p(&s.disk.path) && standalone(&s.disk.path))
+            .collect();
+        if movable.is_empty() {
+            return Ok(None);
+        }
+        let bytes: u64 = movable
+            .iter()
+            .map(|s| std::fs::metadata(&s.disk.path).map_or(0, |m| m.len()))
+            .sum();
+        let base = std::env::temp_dir().join(format!("platter-compare-{}", std::process::id()));
+        let scratch = Scratch {
+            mount: base.join("mnt"),
+            image: base.join("fs.ext4"),
+        };
+        std::fs::create_dir_all(&scratch.mount).map_err(|e| format!("{base:?}: {e}"))?;
+        std::fs::File::create(&scratch.image)
+            .and_then(|f| f.set_len(bytes + SLACK))
+            .map_err(|e| format!("{:?}: {e}", scratch.image))?;
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&scratch.image))?;
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&scratch.image)
+            .arg(&scratch.mount))?;
+        let mut overrides = Vec::new();
+        for s in movable {
+            let copy = scratch
+                .mount
+                .join(format!("disk{}-{}", s.index, file_name(&s.disk.path)));
+            run(Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&s.disk.path)
+                .arg(&copy))?;
+            overrides.push(format!(
+                "disk.{}.path={}",
+                s.index,
+                toml::Value::String(copy.display().to_string())
+            ));
+            s.disk.path = copy;
+        }
+        Ok(Some((scratch, overrides)))
+    }
+
+    /// Where the copies are.
+    pub fn mount_point(&self) -> &Path {
+        &self.mount
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map_or_else(|| "image".into(), |n| n.to_string_lossy().into_owned())
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = run(Command::new("umount").arg(&self.mount)) {
+            log::warn!("scratch file system: {e}");
+            return;
+        }
+        if let Some(base) = self.mount.parent() {
+            let _ = std::fs::remove_dir_all(base);
+        }
+    }
+}
