@@ -7,7 +7,9 @@
 #     DIR=/tmp SIZE=1G                 where and how large the images are
 #     FORMATS="raw qcow2 qcow2-meta qcow2-sparse"
 #                                      raw: preallocation=full; qcow2: preallocation=full
-#                                      (allocated); qcow2-meta: preallocation=metadata;
+#                                      (allocated); qcow2-meta: preallocation=metadata
+#                                      (made by `platter img create`; the others by qemu-img,
+#                                      so both tools also read images QEMU made);
 #                                      qcow2-sparse: no preallocation, recreated before every
 #                                      write run so writes allocate (write rows only)
 #     ENGINES="threads native io_uring" CACHES="none writeback"
@@ -50,7 +52,7 @@ image_for() { # format -> path (creating it if needed)
     case $f in
         raw) [ -e "$p" ] || qemu-img create -q -f raw -o preallocation=full "$p" "$SIZE" ;;
         qcow2) [ -e "$p" ] || qemu-img create -q -f qcow2 -o preallocation=full "$p" "$SIZE" ;;
-        qcow2-meta) [ -e "$p" ] || qemu-img create -q -f qcow2 -o preallocation=metadata "$p" "$SIZE" ;;
+        qcow2-meta) [ -e "$p" ] || "$PLATTER" img create -f qcow2 -o preallocation=metadata "$p" "$SIZE" >/dev/null ;;
         qcow2-sparse) rm -f "$p"; qemu-img create -q -f qcow2 "$p" "$SIZE" ;;
     esac
     echo "$p"

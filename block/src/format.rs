@@ -39,6 +39,18 @@ pub trait FormatDriver: Send {
     fn write_sync(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Synchronous zeroing; `unmap` allows releasing host space.
     fn zero_sync(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
-    /// Make everything written through the synchronous path durable.
+    /// Whether a completed write may stay volatile until the next flush (the guest's write
+    /// cache is on, or flushes are ignored). When off, every write must be durable at
+    /// completion, engine writes included, so [`FormatDriver::map`] must not hand out a
+    /// host range whose mapping is only cached. Off until the pipeline says otherwise.
+    fn set_volatile_writes(&mut self, _on: bool) {}
+    /// Write metadata the driver caches back to the file, ordered so that the data
+    /// fdatasync the caller issues next leaves the image consistent and every completed
+    /// write durable. Called for each guest flush before that fdatasync.
+    fn flush_metadata(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Make everything written through the synchronous path durable, cached metadata
+    /// included (called after each synchronous-path request while the write cache is off).
     fn sync(&mut self) -> io::Result<()>;
 }

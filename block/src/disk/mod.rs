@@ -11,7 +11,8 @@
 //!  write, memory unaligned   : [shared lock] copy into bounce ─▶ pwritev
 //!  write, offset unaligned   : [exclusive lock] preadv head/tail blocks ─▶ patch ─▶ pwritev
 //!  discard / write-zeroes    : [shared lock] fallocate (─▶ fdatasync when WCE is off)
-//!  flush                     : fdatasync (nothing with cache=unsafe)
+//!  flush                     : driver metadata write-back ─▶ fdatasync (nothing with
+//!                              cache=unsafe)
 //! ```
 //!
 //! "Aligned" means O_DIRECT's request and memory alignment; without O_DIRECT everything is
@@ -234,7 +235,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         )),
         None => None,
     };
-    Ok(Disk {
+    let mut disk = Disk {
         engine,
         inflight: HashMap::new(),
         driver,
@@ -251,7 +252,9 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         done: VecDeque::new(),
         throttle,
         stats: Arc::default(),
-    })
+    };
+    disk.driver.set_volatile_writes(!disk.dsync());
+    Ok(disk)
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -313,9 +316,16 @@ impl Disk {
         self.wce
     }
 
-    /// Change WCE at run time: off makes every later write durable before it completes.
+    /// Change WCE at run time: off makes every later write durable before it completes,
+    /// and writes back what the format driver caches (later writes in place may rely on it).
     pub fn set_wce(&mut self, on: bool) {
+        if self.wce && !on && self.cache.honours_flush() {
+            if let Err(e) = self.driver.sync() {
+                log::error!("writing back cached metadata as WCE turns off: {e}");
+            }
+        }
         self.wce = on;
+        self.driver.set_volatile_writes(!self.dsync());
     }
 
     /// Eventfd written when completions are ready; [`Disk::completions`] resets it.
@@ -598,6 +608,9 @@ impl Disk {
             RequestOp::Flush => {
                 if !self.cache.honours_flush() {
                     return self.complete(id, Ok(0));
+                }
+                if let Err(e) = self.driver.flush_metadata() {
+                    return self.complete(id, Err(BlockError::Io(e)));
                 }
                 self.set_state(id, State::Sync { result: 0 });
                 self.send(id, OpKind::Fdatasync);

@@ -2,33 +2,35 @@
 //! backing files, zero and compressed clusters, discard.
 //!
 //! ```text
-//!  guest offset ─┬─ l1 index = off >> (cluster_bits + l2_bits)   L1 (in memory, written through)
-//!                ├─ l2 index = (off >> cluster_bits) & (l2 entries - 1)   L2 (LRU cache)
+//!  guest offset ─┬─ l1 index = off >> (cluster_bits + l2_bits)   L1 (in memory, write-back)
+//!                ├─ l2 index = (off >> cluster_bits) & (l2 entries - 1)   L2 (write-back cache)
 //!                └─ in-cluster offset
 //!  L2 entry: bit 63 COPIED (refcount 1) · bit 62 compressed · bits 9..55 host offset · bit 0 zero
 //!  compressed: bits 0..x-1 host byte offset, x..61 (512-byte sectors - 1), x = 62 - (cluster_bits - 8)
 //! ```
 //!
 //! Requests whose range maps to one contiguous run of allocated, exclusively owned (COPIED)
-//! data clusters go to the engine at their host offset ([`FormatDriver::map`]). Everything
-//! else runs synchronously here on a buffered descriptor: reads of holes, zero clusters,
-//! backing data and compressed clusters, allocating writes (copy-on-write of the rest of the
-//! cluster), discard and write-zeroes. Metadata is written through at once, in the order
-//! refcount → data → L2/L1 entry, so a crash leaks clusters at worst, never points at
-//! unowned ones; no lazy refcounts, so the dirty bit is never set by us.
+//! data clusters go to the engine at their host offset ([`FormatDriver::map`]); so do writes
+//! that allocate clusters which read as zeroes (no backing file) while the guest's write
+//! cache is on: `map` allocates a zeroed cluster and the engine writes into it. Everything
+//! else runs synchronously here: reads of holes, zero clusters, backing data and compressed
+//! clusters, other allocating writes (copy-on-write of the rest of the cluster), discard and
+//! write-zeroes. Metadata (L2 tables, refcount blocks, L1 entries) is
+//! cached and written back at flush points or on eviction, ordered so that a crash leaks
+//! clusters at worst and never leaves a reference to an unowned one (`writeback.rs`); no lazy
+//! refcounts, so the dirty bit is never set by us.
 //!
 //! Refused, with a message: read-write opens of images marked corrupt or dirty (their
 //! refcounts need `qemu-img check -r all`), or with internal snapshots; extended L2 entries,
 //! external data files, encryption and zstd compression in any mode. Detected corruption
 //! (misaligned or out-of-file metadata offsets) sets the corrupt bit, as the spec asks.
 //!
-//! Refcounts, cluster allocation and growing the refcount table live in `refcount.rs`.
+//! Refcounts, cluster allocation and growing the refcount table live in `refcount.rs`, the
+//! metadata cache in `cache.rs`, write-back and its ordering rules in `writeback.rs`.
 
-use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{
@@ -38,10 +40,15 @@ use super::{
 use crate::format::FormatDriver;
 use crate::options::Format;
 use crate::raw::DEFAULT_LOGICAL_BLOCK_SIZE;
-use crate::sg::AlignedBuf;
 use crate::BlockError;
 
+mod cache;
+mod host;
 mod refcount;
+mod writeback;
+
+use cache::MetaCache;
+use host::{pread_zero_tail, punch, HostFile};
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
@@ -51,6 +58,15 @@ const HEADER_INCOMPAT: u64 = 72;
 const HEADER_AUTOCLEAR: u64 = 88;
 /// Default L2 cache size (QEMU's default maximum on Linux).
 pub const DEFAULT_L2_CACHE_SIZE: u64 = 32 << 20;
+/// The refcount block cache gets a quarter of the L2 cache's bytes (QEMU's ratio when only
+/// the L2 size is given): each block counts far more clusters than an L2 table maps, and
+/// allocation walks them in order, so few blocks are ever hot.
+const RC_CACHE_RATIO: u64 = 4;
+/// Smallest refcount block cache (QEMU's minimum), so that tiny L2 caches still work.
+const MIN_RC_CACHE_BLOCKS: u64 = 4;
+/// The file grows ahead of allocation in steps this large: `ftruncate` waits for all direct
+/// I/O in flight, so growing by one cluster per allocation stalled the pipeline.
+const FILE_GROW_STEP: u64 = 2 << 20;
 
 /// What one guest cluster is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,136 +110,6 @@ impl Backing for Qcow2Driver {
     }
 }
 
-/// Read `buf` at `off`; bytes past the end of the file read as zeroes.
-fn pread_zero_tail(file: &File, mut off: u64, mut buf: &mut [u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        match file.read_at(buf, off) {
-            Ok(0) => {
-                buf.fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                off += n as u64;
-                buf = &mut buf[n..];
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn punch(file: &impl AsRawFd, off: u64, len: u64) {
-    // SAFETY: plain syscall on an open descriptor.
-    let r = unsafe {
-        libc::fallocate64(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off as i64,
-            len as i64,
-        )
-    };
-    if r < 0 {
-        log::debug!(
-            "qcow2: punching freed cluster: {}",
-            io::Error::last_os_error()
-        );
-    }
-}
-
-/// The image file for metadata and the synchronous data path. With O_DIRECT (`align` > 1)
-/// every access goes through an aligned bounce buffer, read-modify-write for unaligned
-/// writes: mixing buffered and direct I/O on one file makes the kernel fail direct writes
-/// ("Page cache invalidation failure on direct I/O") and report EIO on the next fdatasync.
-struct HostFile {
-    file: File,
-    align: u64,
-}
-
-impl HostFile {
-    fn bounds(&self, off: u64, len: usize) -> (u64, u64) {
-        let a = self.align;
-        (off - off % a, (off + len as u64).div_ceil(a) * a)
-    }
-
-    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        if self.align == 1 {
-            return pread_zero_tail(&self.file, off, buf);
-        }
-        let (s, e) = self.bounds(off, buf.len());
-        let mut b = AlignedBuf::new((e - s) as usize, BOUNCE_ALIGN);
-        pread_zero_tail(&self.file, s, b.as_mut_slice())?;
-        let at = (off - s) as usize;
-        buf.copy_from_slice(&b.as_slice()[at..at + buf.len()]);
-        Ok(())
-    }
-
-    fn write_at(&self, off: u64, data: &[u8]) -> io::Result<()> {
-        if self.align == 1 {
-            return self.file.write_all_at(data, off);
-        }
-        let (s, e) = self.bounds(off, data.len());
-        let mut b = AlignedBuf::new((e - s) as usize, BOUNCE_ALIGN);
-        if s != off || e != off + data.len() as u64 {
-            pread_zero_tail(&self.file, s, b.as_mut_slice())?;
-        }
-        let at = (off - s) as usize;
-        b.as_mut_slice()[at..at + data.len()].copy_from_slice(data);
-        self.file.write_all_at(b.as_slice(), s)
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-}
-
-impl AsRawFd for HostFile {
-    fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
-}
-
-/// Bounce buffer alignment: a page satisfies every O_DIRECT memory alignment.
-const BOUNCE_ALIGN: usize = 4096;
-
-/// A small LRU of tables keyed by host offset.
-struct TableCache<T> {
-    map: HashMap<u64, T>,
-    order: VecDeque<u64>,
-    cap: usize,
-}
-
-impl<T> TableCache<T> {
-    fn new(cap: usize) -> Self {
-        TableCache {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            cap: cap.max(1),
-        }
-    }
-
-    fn get(&mut self, off: u64) -> Option<&mut T> {
-        self.map.get_mut(&off)
-    }
-
-    fn insert(&mut self, off: u64, t: T) {
-        if self.map.len() >= self.cap {
-            // Approximate LRU: evict in insertion order (tables are written through).
-            while let Some(old) = self.order.pop_front() {
-                if self.map.remove(&old).is_some() {
-                    break;
-                }
-            }
-        }
-        self.order.push_back(off);
-        self.map.insert(off, t);
-    }
-}
-
 /// An open qcow2 image.
 pub struct Qcow2Driver {
     path: PathBuf,
@@ -237,15 +123,26 @@ pub struct Qcow2Driver {
     cluster: u64,
     l2_entries: u64,
     l1: Vec<u64>,
-    l2_cache: TableCache<Vec<u64>>,
+    /// Byte range of the L1 table that differs from the file.
+    l1_dirty: Option<(usize, usize)>,
+    l2_cache: MetaCache<Vec<u64>>,
     rc_table: Vec<u64>,
-    rc_cache: TableCache<Vec<u8>>,
+    rc_cache: MetaCache<Vec<u8>>,
+    /// Host clusters whose reference was dropped, decremented at the next write-back.
+    pending_free: Vec<u64>,
+    /// Something was written since the last fdatasync.
+    unsynced: bool,
     free_hint: u64,
     file_len: u64,
+    /// `[fresh_from, file_len)` is a hole we made by growing the file ahead and never wrote
+    /// nor allocated: clusters there read as zeroes without punching; trimmed at close.
+    fresh_from: u64,
     backing: Option<Box<dyn Backing>>,
     /// Last decompressed cluster: (host offset of the stream, data).
     decompressed: Option<(u64, Vec<u8>)>,
     physical: u32,
+    /// Completed writes may stay volatile until a flush (see `set_volatile_writes`).
+    volatile_writes: bool,
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -346,14 +243,21 @@ impl Qcow2Driver {
             cluster,
             l2_entries: cluster / 8,
             l1,
-            l2_cache: TableCache::new((l2_cache_size / cluster) as usize),
+            l1_dirty: None,
+            l2_cache: MetaCache::new((l2_cache_size / cluster) as usize),
             rc_table,
-            rc_cache: TableCache::new(64),
+            rc_cache: MetaCache::new(
+                (l2_cache_size / RC_CACHE_RATIO / cluster).max(MIN_RC_CACHE_BLOCKS) as usize,
+            ),
+            pending_free: Vec::new(),
+            unsynced: false,
             free_hint: 0,
             file_len,
+            fresh_from: file_len,
             backing,
             decompressed: None,
             physical: (request_align as u32).max(DEFAULT_LOGICAL_BLOCK_SIZE),
+            volatile_writes: false,
             header,
         };
         if !readonly && d.header.version == 3 && d.header.autoclear_features != 0 {
@@ -398,15 +302,17 @@ impl Qcow2Driver {
         Ok(off)
     }
 
+    /// The cached L2 table at `l2_off`; callers that change it mark it dirty.
     fn l2_table(&mut self, l2_off: u64) -> io::Result<&mut Vec<u64>> {
-        if self.l2_cache.get(l2_off).is_none() {
+        if !self.l2_cache.contains(l2_off) {
             if l2_off + self.cluster > self.file_len {
                 return Err(self.corrupt(format!("L2 table at {l2_off:#x} is past the end")));
             }
             let mut raw = vec![0u8; self.cluster as usize];
             self.meta.read_at(l2_off, &mut raw)?;
             let t = raw.chunks(8).map(|c| be64(c, 0)).collect();
-            self.l2_cache.insert(l2_off, t);
+            self.l2_make_room()?;
+            self.l2_cache.insert(l2_off, t, None);
         }
         Ok(self.l2_cache.get(l2_off).expect("just inserted"))
     }
@@ -464,20 +370,11 @@ impl Qcow2Driver {
         let mut l2_off = self.l2_offset(l1i)?;
         if l2_off == 0 {
             l2_off = self.alloc_cluster()?;
-            self.meta
-                .write_at(l2_off, &vec![0u8; self.cluster as usize])?;
-            self.l2_cache
-                .insert(l2_off, vec![0u64; self.l2_entries as usize]);
-            let l1e = l2_off | COPIED;
-            self.meta.write_at(
-                self.header.l1_table_offset + l1i as u64 * 8,
-                &l1e.to_be_bytes(),
-            )?;
-            self.l1[l1i] = l1e;
+            self.new_l2_table(l1i, l2_off)?;
         }
         self.l2_table(l2_off)?[l2i] = entry;
-        self.meta
-            .write_at(l2_off + l2i as u64 * 8, &entry.to_be_bytes())
+        self.l2_cache.mark_dirty(l2_off, l2i * 8, l2i * 8 + 8);
+        Ok(())
     }
 
     /// Release what a cluster entry owned.
@@ -553,6 +450,7 @@ impl Qcow2Driver {
         let old = self.lookup(guest)?;
         match old {
             Cluster::Data { host, copied: true } => {
+                self.unsynced = true;
                 return self.meta.write_at(host + within, data);
             }
             Cluster::Zero {
@@ -563,6 +461,7 @@ impl Qcow2Driver {
                 let mut full = vec![0u8; self.cluster as usize];
                 full[within as usize..within as usize + data.len()].copy_from_slice(data);
                 self.meta.write_at(host, &full)?;
+                self.unsynced = true;
                 return self.set_l2(guest, host | COPIED);
             }
             _ => {}
@@ -585,6 +484,9 @@ impl Qcow2Driver {
             full[within as usize..within as usize + data.len()].copy_from_slice(data);
             self.meta.write_at(host, &full)?;
         }
+        // The data is written before the L2 entry changes in the cache; the barrier before
+        // the entry reaches the file makes it durable first.
+        self.unsynced = true;
         self.set_l2(guest, host | COPIED)?;
         self.release_cluster(old)
     }
@@ -615,7 +517,7 @@ impl Qcow2Driver {
         if new & OFFSET_MASK == 0 {
             self.release_cluster(old)?;
         } else {
-            punch(&self.meta, new & OFFSET_MASK, self.cluster);
+            let _ = punch(&self.meta, new & OFFSET_MASK, self.cluster);
         }
         Ok(())
     }
@@ -723,6 +625,15 @@ impl FormatDriver for Qcow2Driver {
         for (at, _) in self.pieces(offset, len).collect::<Vec<_>>() {
             let host = match self.lookup(at)? {
                 Cluster::Data { host, copied } if copied || !write => host,
+                // A cluster that reads as zeroes and owns no host cluster: allocate a zeroed
+                // one and let the engine write into it (see `writeback.rs`, rule 4).
+                Cluster::Unallocated | Cluster::Zero { host: None, .. }
+                    if write && self.volatile_writes && self.backing.is_none() =>
+                {
+                    let host = self.alloc_cluster()?;
+                    self.set_l2(at, host | COPIED)?;
+                    host
+                }
                 _ => return Ok(None),
             };
             let h = host + at % self.cluster;
@@ -762,7 +673,15 @@ impl FormatDriver for Qcow2Driver {
         Ok(())
     }
 
+    fn set_volatile_writes(&mut self, on: bool) {
+        self.volatile_writes = on;
+    }
+
+    fn flush_metadata(&mut self) -> io::Result<()> {
+        self.write_back()
+    }
+
     fn sync(&mut self) -> io::Result<()> {
-        self.meta.sync_data()
+        self.write_back_and_sync()
     }
 }

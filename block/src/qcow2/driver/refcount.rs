@@ -23,7 +23,7 @@
 
 use std::io;
 
-use super::{punch, Qcow2Driver, OFFSET_MASK};
+use super::{punch, Qcow2Driver, FILE_GROW_STEP, OFFSET_MASK};
 use crate::qcow2::MAX_REFTABLE_BYTES;
 
 /// Header offset of refcount_table_offset (u64), followed by refcount_table_clusters (u32).
@@ -35,10 +35,11 @@ impl Qcow2Driver {
     }
 
     fn rc_block(&mut self, off: u64) -> io::Result<&mut Vec<u8>> {
-        if self.rc_cache.get(off).is_none() {
+        if !self.rc_cache.contains(off) {
             let mut raw = vec![0u8; self.cluster as usize];
             self.meta.read_at(off, &mut raw)?;
-            self.rc_cache.insert(off, raw);
+            self.rc_make_room()?;
+            self.rc_cache.insert(off, raw, None);
         }
         Ok(self.rc_cache.get(off).expect("just inserted"))
     }
@@ -109,14 +110,12 @@ impl Qcow2Driver {
             return Err(io::Error::other("refcount overflow"));
         }
         let i = idx & ((1 << per_bits) - 1);
-        let block = self.rc_block(rb)?;
-        Self::rc_set_in(block, i, order, v);
-        // Write back the 8-byte-aligned word holding the entry.
-        let byte = ((i << order) / 8) & !7;
-        let word: [u8; 8] = block[byte as usize..byte as usize + 8]
-            .try_into()
-            .expect("8 bytes");
-        self.meta.write_at(rb + byte, &word)
+        Self::rc_set_in(self.rc_block(rb)?, i, order, v);
+        // The bytes holding the entry; written back by `writeback.rs`.
+        let lo = ((i << order) / 8) as usize;
+        let hi = lo + ((1usize << order) / 8).max(1);
+        self.rc_cache.mark_dirty(rb, lo, hi);
+        Ok(())
     }
 
     /// Allocate one host cluster (refcount 1), reusing freed ones first. The cluster's
@@ -133,18 +132,25 @@ impl Qcow2Driver {
             if self.rc_table[ti] & OFFSET_MASK == 0 {
                 // No refcount block for this range: every cluster in it is free. Put the new
                 // block in its own first free cluster, counting itself.
+                // Written through (rare: one block counts thousands of clusters), the block
+                // durable before the table entry that makes it count; the entry itself is
+                // covered by the next barrier, before anything allocated from it is referenced.
                 let block_off = idx << self.cluster_bits;
                 let mut block = vec![0u8; self.cluster as usize];
                 let order = self.header.refcount_order;
                 Self::rc_set_in(&mut block, idx & ((1 << per_bits) - 1), order, 1);
                 self.meta.write_at(block_off, &block)?;
                 self.file_len = self.file_len.max(block_off + self.cluster);
-                self.rc_cache.insert(block_off, block);
+                self.fresh_from = self.fresh_from.max(block_off + self.cluster);
+                self.meta.sync_data()?;
                 self.meta.write_at(
                     self.header.refcount_table_offset + ti as u64 * 8,
                     &block_off.to_be_bytes(),
                 )?;
+                self.unsynced = true;
                 self.rc_table[ti] = block_off;
+                self.rc_make_room()?;
+                self.rc_cache.insert(block_off, block, None);
                 idx += 1;
                 continue;
             }
@@ -152,23 +158,37 @@ impl Qcow2Driver {
                 self.set_refcount(idx, 1)?;
                 self.free_hint = idx + 1;
                 let off = idx << self.cluster_bits;
-                if off < self.file_len {
-                    // A free cluster inside the file may hold stale bytes; callers rely on
-                    // new clusters reading as zeroes.
-                    punch(&self.meta, off, self.cluster);
+                // A free cluster inside the file may hold stale bytes; callers rely on new
+                // clusters reading as zeroes (an allocating write may even be mapped to the
+                // engine before its data lands, see `writeback.rs`).
+                if off < self.fresh_from && !punch(&self.meta, off, self.cluster) {
+                    self.meta.write_at(off, &vec![0u8; self.cluster as usize])?;
                 }
-                if off + self.cluster > self.file_len {
-                    self.meta.set_len(off + self.cluster)?;
-                    self.file_len = off + self.cluster;
+                let end = off + self.cluster;
+                if end > self.file_len {
+                    let len = end.div_ceil(FILE_GROW_STEP) * FILE_GROW_STEP;
+                    self.meta.set_len(len)?;
+                    self.file_len = len;
                 }
+                self.fresh_from = self.fresh_from.max(end);
                 return Ok(off);
             }
             idx += 1;
         }
     }
 
-    /// Drop one reference to host cluster `idx`; punch it when it becomes free.
+    /// Drop one reference to host cluster `idx` once the tables that no longer point at it
+    /// are durable (rule 2 in `writeback.rs`): until then it stays counted and unusable.
     pub(super) fn release(&mut self, idx: u64) -> io::Result<()> {
+        if self.refcount(idx)? == 0 {
+            return Err(self.corrupt(format!("freeing cluster {idx} with refcount 0")));
+        }
+        self.pending_free.push(idx);
+        Ok(())
+    }
+
+    /// Apply a released reference: decrement, and punch the cluster when it becomes free.
+    pub(super) fn apply_free(&mut self, idx: u64) -> io::Result<()> {
         let r = self.refcount(idx)?;
         if r == 0 {
             return Err(self.corrupt(format!("freeing cluster {idx} with refcount 0")));
@@ -176,7 +196,8 @@ impl Qcow2Driver {
         self.set_refcount(idx, r - 1)?;
         if r == 1 {
             self.free_hint = self.free_hint.min(idx);
-            punch(&self.meta, idx << self.cluster_bits, self.cluster);
+            // Only to give the space back; allocation zeroes the cluster again if needed.
+            let _ = punch(&self.meta, idx << self.cluster_bits, self.cluster);
         }
         Ok(())
     }
@@ -238,6 +259,7 @@ impl Qcow2Driver {
         let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.meta.write_at(table_off, &raw)?;
         self.file_len = self.file_len.max(end * c);
+        self.fresh_from = self.fresh_from.max(end * c);
         self.meta.sync_data()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
@@ -248,15 +270,17 @@ impl Qcow2Driver {
         self.header.refcount_table_clusters = table_clusters as u32;
         self.rc_table = table;
         for (_, off, block) in new_blocks {
-            self.rc_cache.insert(off, block);
+            self.rc_make_room()?;
+            self.rc_cache.insert(off, block, None);
         }
         log::debug!(
             "{}: qcow2 refcount table grown to {table_clusters} clusters at {table_off:#x}",
             self.path.display()
         );
-        // The old table is unreferenced now; a failure here only leaks it.
+        // The old table is unreferenced on disk now (the header is durable), so its clusters
+        // can be freed at once; a failure here only leaks them.
         for i in 0..old_clusters {
-            self.release((old_off >> self.cluster_bits) + i)?;
+            self.apply_free((old_off >> self.cluster_bits) + i)?;
         }
         Ok(())
     }
