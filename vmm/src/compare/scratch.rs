@@ -15,10 +15,10 @@ use super::plan::Subject;
 /// Room for the file system's own metadata on top of the images.
 const SLACK: u64 = 64 << 20;
 
-/// A mounted scratch file system; unmounted and removed on drop.
+/// A mounted scratch file system; unmounted and removed (with its backing
+/// file beside the mount point) on drop.
 pub struct Scratch {
     mount: PathBuf,
-    image: PathBuf,
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
@@ -57,21 +57,28 @@ impl Scratch {
             .map(|s| std::fs::metadata(&s.disk.path).map_or(0, |m| m.len()))
             .sum();
         let base = std::env::temp_dir().join(format!("platter-compare-{}", std::process::id()));
-        let scratch = Scratch {
-            mount: base.join("mnt"),
-            image: base.join("fs.ext4"),
-        };
-        std::fs::create_dir_all(&scratch.mount).map_err(|e| format!("{base:?}: {e}"))?;
-        std::fs::File::create(&scratch.image)
+        let (mount, image) = (base.join("mnt"), base.join("fs.ext4"));
+        let made = std::fs::create_dir_all(&mount)
+            .and_then(|()| std::fs::File::create(&image))
             .and_then(|f| f.set_len(bytes + SLACK))
-            .map_err(|e| format!("{:?}: {e}", scratch.image))?;
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&scratch.image))?;
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&scratch.image)
-            .arg(&scratch.mount))?;
+            .map_err(|e| format!("{base:?}: {e}"))
+            .and_then(|()| run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image)))
+            .and_then(|()| {
+                // L1 loads modules on demand only for what it booted with.
+                for m in ["loop", "ext4"] {
+                    let _ = Command::new("modprobe").args(["-q", m]).status();
+                }
+                run(Command::new("mount")
+                    .args(["-o", "loop"])
+                    .arg(&image)
+                    .arg(&mount))
+            });
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&base);
+            return Err(e);
+        }
+        // From here on, dropping it unmounts.
+        let scratch = Scratch { mount };
         let mut overrides = Vec::new();
         for s in movable {
             let copy = scratch
