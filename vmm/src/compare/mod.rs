@@ -78,6 +78,11 @@ pub struct CompareArgs {
     /// be inside the repository.
     #[arg(long, value_enum, default_value_t = RigMode::Auto)]
     pub rig: RigMode,
+    /// In the nested rig: measure copies of the images that sit on the
+    /// repository's 9p share, made on an ext4 file system local to L1 (9p
+    /// dominates the numbers otherwise); the originals are not written.
+    #[arg(long)]
+    pub local_copies: bool,
 }
 
 /// Why a comparison stopped.
@@ -175,7 +180,7 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
     if !on_9p.is_empty() {
         println!(
             "Note: the images of {} are on a 9p file system (the rig's repository share): \
-             their numbers measure 9p as much as the VMMs; a local file system gives truer ones.",
+             their numbers measure 9p as much as the VMMs; --local-copies gives truer ones.",
             on_9p.join(", ")
         );
     }
@@ -207,7 +212,7 @@ fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
     let mut overrides = args.set.clone();
     overrides.extend(plan::serial_overrides(&subjects));
     let mut local = None;
-    if in_rig() {
+    if args.local_copies && in_rig() {
         match scratch::Scratch::for_subjects(&mut subjects) {
             Ok(Some((fs, paths))) => {
                 eprintln!(
@@ -434,6 +439,9 @@ fn rig_args(args: &CompareArgs) -> Vec<String> {
     }
     if let Some(j) = &args.json {
         a.push(format!("--json={}", j.display()));
+    }
+    if args.local_copies {
+        a.push("--local-copies".into());
     }
     a
 }
