@@ -22,7 +22,13 @@
 //! Before any of that, a disk in a throttle group may hold a request back until the group's
 //! budget allows it (`throttled.rs`); and every request is counted in the disk's [`DiskStats`]
 //! from `submit` until `completions` hands it back.
+//!
+//! Files: `open.rs` (open_disk), this file (submit and starting each kind of request),
+//! `completion.rs` (engine completions: remainders, read-modify-write, finishing),
+//! `throttled.rs`, `range_lock.rs`, `request.rs`.
 
+mod completion;
+mod open;
 mod range_lock;
 mod request;
 #[cfg(test)]
@@ -51,6 +57,7 @@ use crate::raw::{direct_io_alignment, RawDriver};
 use crate::sg::{AlignedBuf, SgList};
 use crate::stats::{DiskStats, IoKind};
 use crate::BlockError;
+pub use open::open_disk;
 use range_lock::{Range, RangeLock};
 pub use request::{Completion, Request, RequestOp, SubmitError};
 use throttled::{DiskThrottle, Pending};
@@ -152,109 +159,6 @@ pub struct Disk {
     /// Requests waiting for throttle budget (`None`: no throttle group).
     throttle: Option<DiskThrottle>,
     stats: Arc<DiskStats>,
-}
-
-fn open_file(path: &Path, readonly: bool, direct: bool) -> Result<File, BlockError> {
-    let mut o = OpenOptions::new();
-    o.read(true).write(!readonly);
-    let mut flags = libc::O_CLOEXEC;
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
-    o.custom_flags(flags);
-    o.open(path).map_err(|source| {
-        if direct && source.raw_os_error() == Some(libc::EINVAL) {
-            BlockError::DirectUnsupported {
-                path: path.to_path_buf(),
-            }
-        } else {
-            BlockError::Open {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    })
-}
-
-/// Open a disk: check the engine, open and lock the image, detect its format by magic (when
-/// `opts.format` is `None`) and set up the pipeline.
-pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
-    let evt = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
-    let engine = new_engine(opts, evt.try_clone().map_err(BlockError::EventFd)?)?;
-    let format = match opts.format {
-        Some(f) => f,
-        None => {
-            let f = crate::img::probe_format(&opts.path)?;
-            if f == Format::Raw && !opts.readonly {
-                log::warn!(
-                    "{}: format not given, probed as raw; pass format=raw to be safe from guest-written headers",
-                    opts.path.display()
-                );
-            }
-            f
-        }
-    };
-    if format == Format::Qcow2 {
-        // Validate the header so users get the precise complaint before any lock conflict.
-        crate::qcow2::Qcow2Header::read_path(&opts.path)?;
-    }
-    let direct = opts.cache.direct();
-    let file = open_file(&opts.path, opts.readonly, direct)?;
-    let lock = if opts.locking {
-        Some(ImageLock::acquire(&file, &opts.path, opts.readonly)?)
-    } else {
-        None
-    };
-    let (req_align, mem_align) = if direct {
-        direct_io_alignment(&file)
-    } else {
-        (1, 1)
-    };
-    let driver: Box<dyn FormatDriver> = match format {
-        Format::Raw => {
-            Box::new(
-                RawDriver::new(file, req_align).map_err(|source| BlockError::Open {
-                    path: opts.path.clone(),
-                    source,
-                })?,
-            )
-        }
-        Format::Qcow2 => Box::new(Qcow2Driver::open(
-            &opts.path,
-            file,
-            opts.readonly,
-            opts.l2_cache_size,
-            req_align,
-            0,
-        )?),
-    };
-    let throttle = match &opts.throttle {
-        Some(group) => Some(DiskThrottle::new(
-            group,
-            evt.try_clone().map_err(BlockError::EventFd)?,
-        )),
-        None => None,
-    };
-    let mut disk = Disk {
-        engine,
-        inflight: HashMap::new(),
-        driver,
-        _lock: lock,
-        evt,
-        cache: opts.cache,
-        wce: opts.cache.initial_wce(),
-        readonly: opts.readonly,
-        discard: opts.discard,
-        req_align: req_align as u64,
-        mem_align,
-        next_id: 0,
-        ranges: RangeLock::default(),
-        done: VecDeque::new(),
-        throttle,
-        stats: Arc::default(),
-    };
-    disk.driver.set_volatile_writes(!disk.dsync());
-    Ok(disk)
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -793,156 +697,6 @@ impl Disk {
     fn zero_sync(&mut self, id: u64, offset: u64, len: u64, unmap: bool) {
         let r = self.driver.zero_sync(offset, len, unmap);
         self.finish_sync(id, len as usize, r);
-    }
-
-    fn on_engine_completion(&mut self, c: EngineCompletion) {
-        enum Action {
-            Wait,
-            Complete(Result<usize, BlockError>),
-            Send(OpKind),
-            FinishXfer,
-            RmwWrite,
-            SyncThen(usize),
-        }
-        let EngineCompletion { id, result } = c;
-        let Some(entry) = self.inflight.get_mut(&id) else {
-            return;
-        };
-        let action = match &mut entry.state {
-            State::Xfer {
-                write,
-                buf,
-                host_off,
-                total,
-                done,
-                dsync,
-                ..
-            } => match result {
-                Err(e) => Action::Complete(Err(BlockError::Io(e))),
-                Ok(n) => {
-                    *done += n;
-                    if *done >= *total {
-                        Action::FinishXfer
-                    } else if n == 0 && *write {
-                        Action::Complete(Err(BlockError::Short {
-                            what: "write",
-                            done: *done,
-                            len: *total,
-                        }))
-                    } else if n == 0 {
-                        // End of file: the rest reads as zeroes (bounce buffers start zeroed).
-                        if let XferBuf::Guest(sg) = buf {
-                            sg.zero_from(*done);
-                        }
-                        Action::FinishXfer
-                    } else {
-                        let iovecs = buf.iovecs_after(*done);
-                        let offset = *host_off + *done as u64;
-                        Action::Send(if *write {
-                            OpKind::Write {
-                                offset,
-                                iovecs,
-                                dsync: *dsync,
-                            }
-                        } else {
-                            OpKind::Read { offset, iovecs }
-                        })
-                    }
-                }
-            },
-            State::RmwRead { pending, err, .. } => {
-                *pending -= 1;
-                if let Err(e) = result {
-                    err.get_or_insert(e);
-                }
-                // Short reads leave zeroes (end of file), which is what the block holds.
-                if *pending > 0 {
-                    Action::Wait
-                } else if let Some(e) = err.take() {
-                    Action::Complete(Err(BlockError::Io(e)))
-                } else {
-                    Action::RmwWrite
-                }
-            }
-            State::Sync { result: bytes } => {
-                Action::Complete(result.map(|_| *bytes).map_err(BlockError::Io))
-            }
-            State::Falloc {
-                len,
-                advisory,
-                sync_after,
-            } => match result {
-                Err(e) if *advisory && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    Action::Complete(Ok(*len))
-                }
-                Err(e) => Action::Complete(Err(BlockError::Io(e))),
-                Ok(_) if *sync_after => Action::SyncThen(*len),
-                Ok(_) => Action::Complete(Ok(*len)),
-            },
-            State::Waiting(_) => {
-                log::error!("engine completion for a request still waiting for its lock");
-                Action::Wait
-            }
-        };
-        match action {
-            Action::Wait => {}
-            Action::Complete(r) => self.complete(id, r),
-            Action::Send(kind) => {
-                self.send(id, kind);
-            }
-            Action::FinishXfer => self.finish_xfer(id),
-            Action::SyncThen(len) => {
-                self.set_state(id, State::Sync { result: len });
-                self.send(id, OpKind::Fdatasync);
-            }
-            Action::RmwWrite => {
-                let Some(e) = self.inflight.get_mut(&id) else {
-                    return;
-                };
-                let State::RmwRead {
-                    sg,
-                    mut buf,
-                    host_off,
-                    skip,
-                    ..
-                } = std::mem::replace(&mut e.state, State::Sync { result: 0 })
-                else {
-                    return;
-                };
-                let len = sg.len();
-                sg.copy_to(0, &mut buf.as_mut_slice()[skip..skip + len]);
-                let total = buf.len();
-                self.begin_xfer(
-                    id,
-                    true,
-                    XferBuf::Bounce(buf),
-                    host_off,
-                    total,
-                    Then::Complete(len),
-                    Some(sg),
-                );
-            }
-        }
-    }
-
-    fn finish_xfer(&mut self, id: u64) {
-        let Some(e) = self.inflight.get_mut(&id) else {
-            return;
-        };
-        let State::Xfer { buf, then, .. } =
-            std::mem::replace(&mut e.state, State::Sync { result: 0 })
-        else {
-            return;
-        };
-        match then {
-            Then::Complete(n) => self.complete(id, Ok(n)),
-            Then::CopyOut { sg, skip, len } => {
-                if let XferBuf::Bounce(b) = &buf {
-                    sg.copy_from(0, &b.as_slice()[skip..skip + len]);
-                }
-                self.complete(id, Ok(len));
-            }
-        }
     }
 }
 
