@@ -413,6 +413,13 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
         disk_stats(&out, "m-wb-th").contains("write: ops="),
         "writes counted"
     );
+    // --stats-file holds the same numbers as JSON, for every disk.
+    let in_file: usize = value(&out, "STATS_FILE_DISKS ").unwrap().parse().unwrap();
+    assert_eq!(in_file, virtio_blk_config().matches("[[disk]]").count());
+    let text_ops = stats
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ops="));
+    assert_eq!(value(&out, "STATS_FILE_READ_OPS thr "), text_ops);
 
     assert_error_path(&out);
 

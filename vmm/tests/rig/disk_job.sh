@@ -45,8 +45,12 @@ fi
 sed -e "s|@WORK@|$work|g" -e "s|@SMALL@|$small|g" "$template" > $work/vm.toml
 
 set +e
-"$platter" run $work/vm.toml --rig=never --exit-stats --disk-stats
+"$platter" run $work/vm.toml --rig=never --exit-stats --disk-stats --stats-file $work/stats.json
 echo "RUN_RC $?"
+# The stats file's last write: the number of disks in it, and each disk's read ops.
+echo "STATS_FILE_DISKS $(grep -o '"id":"[^"]*"' $work/stats.json | wc -l)"
+grep -o '"id":"[^"]*","stats":{"read":{"ops":[0-9]*' $work/stats.json |
+    sed 's/"id":"\([^"]*\)","stats":{"read":{"ops":\([0-9]*\)/STATS_FILE_READ_OPS \1 \2/'
 echo "L1_MEM_AVAILABLE_MIB $(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo)"
 set -e
 for f in $work/*.raw; do
