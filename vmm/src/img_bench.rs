@@ -5,7 +5,6 @@
 //! buffer; request i goes to `offset + i * step`, wrapped modulo `image size - size`.
 //! Completions are counted from the disk's completion eventfd, as a device thread would.
 
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -155,19 +154,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         if in_flight == 0 {
             continue;
         }
-        let mut pfd = libc::pollfd {
-            fd: disk.completion_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(format!("poll: {e}"));
-            }
-            continue;
+        match disk.wait_completions(None) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => return Err(format!("poll: {e}")),
         }
         for (_, result) in disk.completions() {
             in_flight -= 1;

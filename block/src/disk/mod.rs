@@ -237,6 +237,31 @@ impl Disk {
         &self.evt
     }
 
+    /// Block until the completion eventfd fires or `timeout` (none: forever) passes, for
+    /// callers that wait on this one disk rather than in an event loop. `Ok(false)`: timed
+    /// out or interrupted by a signal; call again or give up. Then [`Disk::completions`].
+    pub fn wait_completions(&self, timeout: Option<std::time::Duration>) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.evt.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call, and the count is 1.
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            r if r > 0 => Ok(true),
+            0 => Ok(false),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// Number of requests submitted and not yet returned by [`Disk::completions`], including
     /// those waiting for throttle budget.
     pub fn in_flight(&self) -> usize {

@@ -54,14 +54,8 @@ fn throttled_disk(dir: &TempDir, name: &str, g: &Arc<ThrottleGroup>) -> Disk {
 
 /// Wait for the eventfd, then take whatever completed (possibly nothing).
 fn wait_some(d: &mut Disk) -> usize {
-    let mut pfd = libc::pollfd {
-        fd: d.completion_fd().as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-    assert!(r > 0, "no completion within 10 s");
+    let fired = d.wait_completions(Some(Duration::from_secs(10)));
+    assert!(fired.unwrap(), "no completion within 10 s");
     d.completions().len()
 }
 

@@ -2,7 +2,6 @@
 //! raw × every cache mode × every implemented engine, plus edge cases and durability.
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,14 +43,12 @@ pub(super) fn opts(path: &Path, cache: CacheMode, aio: AioMode) -> DiskOptions {
 pub(super) fn wait_all(disk: &mut Disk, n: usize) -> Vec<Completion> {
     let mut got = Vec::new();
     while got.len() < n {
-        let mut pfd = libc::pollfd {
-            fd: disk.completion_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        assert!(r > 0, "no completion within 10 s ({} of {n})", got.len());
+        let fired = disk.wait_completions(Some(Duration::from_secs(10)));
+        assert!(
+            fired.unwrap(),
+            "no completion within 10 s ({} of {n})",
+            got.len()
+        );
         got.extend(disk.completions());
     }
     assert_eq!(got.len(), n);
@@ -163,23 +160,7 @@ pub(super) fn guest_contents(path: &Path, format: Format) -> Vec<u8> {
     if let Some(q) = crate::testutil::qemu_img() {
         let p = path.as_os_str();
         crate::testutil::run_ok(&q, &["check".as_ref(), "-f".as_ref(), "qcow2".as_ref(), p]);
-        let raw = path.with_extension("converted.raw");
-        let r = raw.as_os_str();
-        crate::testutil::run_ok(
-            &q,
-            &[
-                "convert".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-O".as_ref(),
-                "raw".as_ref(),
-                p,
-                r,
-            ],
-        );
-        let v = std::fs::read(&raw).unwrap();
-        std::fs::remove_file(&raw).unwrap();
-        return v;
+        return crate::testutil::qemu_read_qcow2(&q, path);
     }
     let mut d = open_disk(&DiskOptions {
         format: Some(format),

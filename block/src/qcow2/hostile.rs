@@ -7,7 +7,6 @@
 //! example an allocation sized from the image) or a hang is a bug.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -22,7 +21,7 @@ const ACCESS_LEN: u64 = 2048;
 /// L2 cache for the driver: small, so hostile images also exercise eviction.
 const L2_CACHE: u64 = 64 << 10;
 /// How long one request through the pipeline may take before it counts as a hang.
-const REQUEST_TIMEOUT_MS: i32 = 10_000;
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Guest offsets to access on a disk of `size` bytes: start, middle, end, each clipped.
 fn probe_ranges(size: u64) -> impl Iterator<Item = (u64, u64)> {
@@ -104,14 +103,12 @@ fn pipeline_read(path: &Path) -> Result<(), BlockError> {
             continue;
         }
         loop {
-            let mut pfd = libc::pollfd {
-                fd: disk.completion_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd that outlives the call.
-            let r = unsafe { libc::poll(&mut pfd, 1, REQUEST_TIMEOUT_MS) };
-            assert!(r != 0, "{}: read at {off} hung", path.display());
+            let fired = disk.wait_completions(Some(REQUEST_TIMEOUT));
+            assert!(
+                !matches!(fired, Ok(false)),
+                "{}: read at {off} hung",
+                path.display()
+            );
             let done: Vec<_> = disk.completions().collect();
             if let Some((_, res)) = done.into_iter().next() {
                 if let Err(e) = res {

@@ -7,7 +7,6 @@
 //! the slow path): submit, then wait on the disk's completion eventfd.
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 
 use platter_block::{BlockError, Completion, Disk, Request, RequestOp, SgList};
 
@@ -257,20 +256,10 @@ impl Drive {
                 }
                 return r;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.disk.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    // The request still owns the buffer: keep waiting, gently.
-                    log::error!("IDE: waiting for disk completion failed: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
+            if let Err(e) = self.disk.wait_completions(None) {
+                // The request still owns the buffer: keep waiting, gently.
+                log::error!("IDE: waiting for disk completion failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
     }
