@@ -86,3 +86,25 @@ pub fn run_ok<S: AsRef<std::ffi::OsStr>>(tool: impl AsRef<std::ffi::OsStr>, args
     );
     stdout
 }
+
+/// The guest contents qemu-img reads from the qcow2 image at `path`: converted to a raw
+/// file beside it, read, and the raw file removed.
+pub fn qemu_read_qcow2(qemu_img: &Path, path: &Path) -> Vec<u8> {
+    let raw = path.with_extension("converted.raw");
+    let (p, r) = (path.as_os_str(), raw.as_os_str());
+    run_ok(
+        qemu_img,
+        &[
+            "convert".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            p,
+            r,
+        ],
+    );
+    let v = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    v
+}
