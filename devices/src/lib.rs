@@ -9,4 +9,6 @@ pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 pub mod scsi;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod virtio;

@@ -5,12 +5,12 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use platter_block::{open_disk, AioMode, CacheMode, Disk, DiskOptions, Format};
+use platter_block::Disk;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
@@ -47,35 +47,11 @@ const BM_PRDT: u64 = 4;
 
 const READY: u8 = status::DRDY | status::DSC;
 
-pub(super) struct TempFile(pub PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+pub(super) use crate::testutil::TempFile;
 
 /// A raw image of `size` bytes whose byte i holds `fill(i)`.
 pub(super) fn image(size: u64, readonly: bool, fill: Option<fn(u64) -> u8>) -> (TempFile, Disk) {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "platter-ide-{}-{}.raw",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(size).unwrap();
-    if let Some(fill) = fill {
-        let data: Vec<u8> = (0..size).map(fill).collect();
-        f.write_all_at(&data, 0).unwrap();
-    }
-    let mut opts = DiskOptions::new(&path);
-    opts.format = Some(Format::Raw);
-    opts.cache = CacheMode::Writeback;
-    opts.aio = AioMode::Threads;
-    opts.locking = false;
-    opts.readonly = readonly;
-    (TempFile(path), open_disk(&opts).unwrap())
+    crate::testutil::raw_image(size, readonly, fill)
 }
 
 #[derive(Default)]

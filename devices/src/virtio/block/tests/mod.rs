@@ -4,12 +4,11 @@
 
 #![allow(clippy::cast_possible_truncation, clippy::type_complexity)]
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use platter_block::{open_disk, AioMode, CacheMode, Disk, DiskOptions, Format};
+use platter_block::Disk;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -45,32 +44,10 @@ const UNSUPP: u8 = blk_status::UNSUPP;
 /// What a status byte holds before the device writes it.
 const UNTOUCHED: u8 = 0xaa;
 
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use crate::testutil::TempFile;
 
 fn disk(readonly: bool) -> (TempFile, Disk) {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "platter-virtio-blk-{}-{}.raw",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::File::create(&path)
-        .and_then(|f| f.set_len(DISK_SIZE))
-        .unwrap();
-    let mut opts = DiskOptions::new(&path);
-    opts.format = Some(Format::Raw);
-    opts.cache = CacheMode::Writeback;
-    opts.aio = AioMode::Threads;
-    opts.locking = false;
-    opts.readonly = readonly;
-    let disk = open_disk(&opts).unwrap();
-    (TempFile(path), disk)
+    crate::testutil::raw_image(DISK_SIZE, readonly, None)
 }
 
 fn memory() -> GuestMemoryMmap {
