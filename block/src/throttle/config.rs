@@ -143,6 +143,23 @@ pub enum ThrottleConfigError {
     },
 }
 
+impl ThrottleConfigError {
+    /// The flat key the error is about (`bps_total`, `iops_read_max`, ...), for messages that
+    /// point at a config key.
+    pub fn key(&self) -> String {
+        match self {
+            Self::TotalAndSplit { total } => total.as_str().to_string(),
+            Self::MaxBelowAvg { limit, .. } | Self::MaxWithoutAvg { limit } => {
+                format!("{limit}_max")
+            }
+            Self::ZeroLength { limit } | Self::LengthWithoutMax { limit, .. } => {
+                format!("{limit}_max_length")
+            }
+            Self::TooLarge { key, .. } | Self::UnknownKey { key } => key.clone(),
+        }
+    }
+}
+
 /// Limits of one throttle group (a disk with its own limits is a group of one). Default: no
 /// limits.
 ///

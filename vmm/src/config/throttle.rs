@@ -27,21 +27,7 @@ pub fn limits(keys: &BTreeMap<String, u64>) -> Result<ThrottleConfig, (String, S
     for (k, v) in keys {
         c.set(k, *v).map_err(|e| (k.clone(), e.to_string()))?;
     }
-    c.validate().map_err(|e| {
-        // The message names the bad key first; point at the set key it
-        // starts with (the longest, so `iops_total_max` wins over `iops_total`).
-        let m = e.to_string();
-        let key = keys
-            .keys()
-            .filter_map(|k| {
-                m.find(k.as_str())
-                    .map(|at| (at, std::cmp::Reverse(k.len()), k))
-            })
-            .min()
-            .map(|(_, _, k)| k.clone())
-            .unwrap_or_default();
-        (key, m)
-    })?;
+    c.validate().map_err(|e| (e.key(), e.to_string()))?;
     Ok(c)
 }
 
@@ -70,7 +56,12 @@ mod tests {
     fn bad_keys_are_named() {
         let (k, m) = limits(&map(&[("iops_totl", 1)])).unwrap_err();
         assert_eq!(k, "iops_totl", "{m}");
-        let (_, m) = limits(&map(&[("bps_total", 1), ("bps_read", 1)])).unwrap_err();
+        let (k, m) = limits(&map(&[("bps_total", 1), ("bps_read", 1)])).unwrap_err();
         assert!(m.contains("bps_total"), "{m}");
+        assert_eq!(k, "bps_total");
+        let (k, _) = limits(&map(&[("iops_read", 5), ("iops_read_max", 2)])).unwrap_err();
+        assert_eq!(k, "iops_read_max");
+        let (k, _) = limits(&map(&[("iops_read_max_length", 3)])).unwrap_err();
+        assert_eq!(k, "iops_read_max_length");
     }
 }
