@@ -13,10 +13,11 @@ const VCPUS: u32 = 2;
 const MEMORY_MIB: u64 = 512;
 /// The Q35 host bridge Platter's PCI root presents at 00:00.0.
 const HOST_BRIDGE: &str = "0000:00:00.0 0x8086 0x29c0 0x060000";
-/// vCPUs of the disk tests' guests. One: with two, about one run in eight of
-/// the IDE test saw a guest vCPU stop being scheduled in the nested TCG rig
-/// (soft lockups, RCU stalls) under I/O load; see the issue notes. The boot
-/// test and the virtio-blk test (multiqueue) keep two.
+/// vCPUs of the disk tests' guests. One: with two, guests under sustained I/O
+/// in the nested TCG rig now and then lose a vCPU (soft lockups, RCU stalls,
+/// a request whose interrupt never arrives) or triple-fault with nothing
+/// logged, under Platter and under QEMU as the L2 VMM alike; see the issue
+/// notes. The boot test and the short multiqueue test keep two.
 const DISK_TEST_VCPUS: u32 = 1;
 /// RAM of the rig's L1 machine for these tests.
 const L1_MEMORY_MIB: &str = "6144";
@@ -226,9 +227,10 @@ fn disk_toml(serial: &str, file: &str, extra: &str) -> String {
 }
 
 /// The guest's root is on virtio-blk; its data disks cover every cache mode
-/// with each engine, a read-only disk, discard on and off, and multiqueue.
+/// with each engine, a read-only disk, discard on and off, two queues on one
+/// vCPU, an image that fills up, throttling and 4K logical blocks.
 fn virtio_blk_config() -> String {
-    let mut t = guest_header(VCPUS, "virtio_pci,virtio_blk", "/dev/vda");
+    let mut t = guest_header(DISK_TEST_VCPUS, "virtio_pci,virtio_blk", "/dev/vda");
     t += &disk_toml("root", "root.ext4", "");
     for (c, cache) in CACHES {
         for (a, aio) in ENGINES {
@@ -397,7 +399,8 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
         alloc("disc-off")
     );
 
-    assert_eq!(value(&out, "MQ "), Some("2"));
+    // Two queues offered, one vCPU: the driver uses one, the other stays idle.
+    assert_eq!(value(&out, "MQ "), Some("1"));
     assert_eq!(value(&out, "FIO mq "), Some("0"));
 
     // Throttling: fio's rate stays at the limit (plus the 0.1 s burst);
@@ -426,6 +429,47 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
     assert_eq!(value(&out, "BLOCKSIZES blk4k "), Some("4096 16384"));
     assert_eq!(value(&out, "SMALL_WRITE blk4k "), Some("failed"));
     assert_eq!(value(&out, "FIO blk4k "), Some("0"));
+}
+
+/// Two vCPUs, a root disk and a two-queue disk: one fio job per vCPU, each
+/// pinned, so each submits through its own queue. Kept short (see
+/// DISK_TEST_VCPUS).
+fn virtio_blk_mq_config() -> String {
+    let mut t = guest_header(VCPUS, "virtio_pci,virtio_blk", "/dev/vda");
+    t += &disk_toml("root", "root.ext4", "");
+    t += &disk_toml(
+        "mq",
+        "mq.raw",
+        "num_queues = 2\nqueue_size = 128\ncache = \"none\"\naio = \"io_uring\"",
+    );
+    t
+}
+
+#[test]
+fn virtio_blk_multiqueue_serves_one_queue_per_vcpu() {
+    if !enabled() {
+        return;
+    }
+    let template = write_template("virtio-blk-mq.toml", &virtio_blk_mq_config());
+    let (rc, out) = disk_job(&template, "vmm/tests/rig/virtio_mq_guest.sh");
+    assert_eq!(rc, 0, "the rig job failed");
+    assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
+    assert!(out.contains(MARK_EXIT), "guest script did not finish");
+    assert_eq!(value(&out, "NPROC "), Some(VCPUS.to_string().as_str()));
+    assert_eq!(value(&out, "MQ "), Some("2"));
+    // blk-mq maps each CPU to a queue of its own.
+    assert_eq!(value(&out, "MQ_CPUS 0 "), Some("0"));
+    assert_eq!(value(&out, "MQ_CPUS 1 "), Some("1"));
+    assert_eq!(value(&out, "FIO mq-cpu0 "), Some("0"));
+    assert_eq!(value(&out, "FIO mq-cpu1 "), Some("0"));
+    // Each queue got interrupts: the guest counted them per MSI-X vector.
+    for q in 0..2 {
+        let n: u64 = value(&out, &format!("MQ_IRQS {q} "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n > 0, "no interrupt on queue {q}");
+    }
 }
 
 /// A disk of a comparison test; the file's extension is its format.
