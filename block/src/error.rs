@@ -69,6 +69,9 @@ pub enum BlockError {
     /// The engine refused the request (queue full, ring error).
     #[error("cannot submit the request: {0}")]
     Submit(#[source] io::Error),
+    /// Requests were still in flight when the disk had to be closed.
+    #[error("{0} requests still in flight after waiting to close the disk")]
+    CloseTimeout(usize),
     /// The host I/O failed.
     #[error("I/O error: {0}")]
     Io(#[source] io::Error),

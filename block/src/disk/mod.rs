@@ -25,8 +25,10 @@
 //!
 //! Files: `open.rs` (open_disk), this file (submit and starting each kind of request),
 //! `completion.rs` (engine completions: remainders, read-modify-write, finishing),
-//! `throttled.rs`, `range_lock.rs`, `request.rs`.
+//! `close.rs` (finishing and flushing when the machine stops), `throttled.rs`,
+//! `range_lock.rs`, `request.rs`.
 
+mod close;
 mod completion;
 mod open;
 mod range_lock;
