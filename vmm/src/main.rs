@@ -16,6 +16,7 @@ mod logger;
 mod memory;
 mod pci;
 mod rig;
+mod stop;
 mod terminal;
 mod vm;
 
@@ -237,7 +238,7 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, reports: Reports) -> 
         },
         None => None,
     };
-    let machine = match vm::start(&kvm, &cfg, disks) {
+    let mut machine = match vm::start(&kvm, &cfg, disks) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("platter: cannot start the machine: {e}");
@@ -248,6 +249,7 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, reports: Reports) -> 
         terminal::enter_raw();
     }
     let outcome = machine.wait();
+    machine.shutdown();
     terminal::restore();
     if reports.exit_stats {
         eprintln!("platter: {}", machine.exits.summary());

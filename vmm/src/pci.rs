@@ -76,6 +76,11 @@ fn ioevent_addr(kind_io: bool, addr: u64) -> IoEventAddress {
 }
 
 impl PciSegment {
+    /// The root, for shutting its functions down when the machine stops.
+    pub fn root(&self) -> Arc<Mutex<PciRoot>> {
+        self.root.clone()
+    }
+
     /// Put the root on the PIO bus and follow BAR moves.
     pub fn new(vm: Arc<VmFd>, buses: Buses, ram: u64) -> Result<Self, PciWiringError> {
         let mmio64 = pci_mmio64_start(ram);

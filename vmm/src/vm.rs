@@ -9,7 +9,7 @@
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
@@ -21,6 +21,7 @@ use platter_devices::interrupt::InterruptLine;
 use platter_devices::legacy::{
     self, AcpiPm, PowerEvent, PowerSink, Rtc, Serial, SerialOutput, I8042,
 };
+use platter_devices::pci::PciRoot;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Config, SerialMode};
@@ -30,7 +31,7 @@ use crate::layout::{
     ACPI_PM1A_EVT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, RTC_PORT,
 };
 use crate::pci::{Buses, PciSegment};
-use crate::{boot, cpu, memory};
+use crate::{boot, cpu, memory, stop};
 
 /// Why starting or running the machine failed.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +158,8 @@ pub struct Machine {
     /// Exit counters.
     pub exits: Arc<ExitCounts>,
     events: std::sync::mpsc::Receiver<Event>,
+    vcpus: stop::Vcpus,
+    pci: Arc<Mutex<PciRoot>>,
 }
 
 fn serial_output(cfg: &Config) -> Result<SerialOutput, VmError> {
@@ -256,6 +259,8 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
     let base_cpuid = cpu::cpuid::supported(kvm)?;
 
     let exits = Arc::new(ExitCounts::default());
+    stop::install_kick_handler().map_err(io_err("installing the vCPU kick signal handler"))?;
+    let mut vcpu_threads = stop::Vcpus::default();
     let mut fds = Vec::new();
     for id in 0..vcpus {
         let fd = vm
@@ -269,25 +274,40 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
     for (id, fd) in fds.into_iter().enumerate() {
         let id = id as u8;
         let (buses, exits, tx) = (buses.clone(), exits.clone(), tx.clone());
-        thread::Builder::new()
+        let stop = vcpu_threads.stop.clone();
+        let t = thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                if let Err(e) = vcpu_loop(id, fd, &buses, &exits, &tx) {
+                if let Err(e) = vcpu_loop(id, fd, &buses, &exits, &tx, &stop) {
                     let _ = tx.send(Event::Failed(e));
                 }
             })
             .map_err(io_err("spawning vCPU thread"))?;
+        vcpu_threads.threads.push(t);
     }
-    // Guest memory must outlive the vCPUs, which run until the process exits.
+    // Guest memory must outlive the vCPUs and devices, which may use it until
+    // the process exits (a vCPU that did not stop in time still runs).
     std::mem::forget(mem);
     Ok(Machine {
         _vm: vm,
         exits,
         events: rx,
+        vcpus: vcpu_threads,
+        pci: pci.root(),
     })
 }
 
 impl Machine {
+    /// Stop the vCPUs, then drain and flush every disk (`stop.rs`). Call once
+    /// the guest has powered off or reset, before the process ends.
+    pub fn shutdown(&mut self) {
+        let running = self.vcpus.stop(VCPU_STOP_TIMEOUT);
+        if running > 0 {
+            log::warn!("{running} vCPU threads did not stop; shutting the devices down anyway");
+        }
+        stop::shutdown_pci(&self.pci);
+    }
+
     /// Wait for the guest to power off or reset.
     pub fn wait(&self) -> Result<Outcome, VmError> {
         match self.events.recv() {
@@ -301,6 +321,9 @@ impl Machine {
         }
     }
 }
+
+/// How long stopping waits for the vCPU threads to leave KVM_RUN.
+const VCPU_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Find the device under `addr` with the bus lock held only for the lookup,
 /// so a device access may itself move BARs (PCI config writes do).
@@ -325,9 +348,13 @@ fn vcpu_loop(
     buses: &Buses,
     exits: &ExitCounts,
     tx: &Sender<Event>,
+    stop: &AtomicBool,
 ) -> Result<(), VmError> {
     let count = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
     loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 count(&exits.io_in);

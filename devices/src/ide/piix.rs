@@ -224,6 +224,12 @@ impl PciDevice for PiixIde {
             c.write_bm(offset % BM_CHANNEL_STRIDE, data);
         }
     }
+
+    fn shutdown(&mut self) {
+        for c in &mut self.channels {
+            c.shutdown();
+        }
+    }
 }
 
 /// The command block (8 ports) or control block (1 port) of a channel.

@@ -35,7 +35,15 @@ pub trait PciDevice: Send {
 
     /// Guest write at `offset` inside BAR `bar`.
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]);
+
+    /// The machine is stopping and its vCPUs no longer run: finish the I/O in
+    /// flight and flush backends, so images are consistent when the process
+    /// ends. Nothing is delivered to the guest any more.
+    fn shutdown(&mut self) {}
 }
+
+/// How long [`PciDevice::shutdown`] waits for a disk's requests in flight.
+pub const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A PCI function shared between the root, its BAR windows and the VMM.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;

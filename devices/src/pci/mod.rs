@@ -43,7 +43,7 @@ pub use config::{
     ClassCode, InterruptPin, PciConfiguration, PciHeader, COMMAND_BUS_MASTER,
     COMMAND_INTERRUPT_DISABLE, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE, CONFIG_SPACE_SIZE, NUM_BARS,
 };
-pub use device::{PciBarWindow, PciDevice, SharedPciDevice};
+pub use device::{PciBarWindow, PciDevice, SharedPciDevice, SHUTDOWN_TIMEOUT};
 pub use msi::MsiCapability;
 pub use msix::{MsixCapability, MsixLocation, MSIX_MAX_VECTORS};
 pub use root::{BarMoveHandler, DevFn, PciRoot, CONFIG_IO_BASE, CONFIG_IO_LEN};

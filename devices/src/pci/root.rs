@@ -142,6 +142,11 @@ impl PciRoot {
         self.on_bar_move = Some(handler);
     }
 
+    /// Every function on the bus, for the VMM to shut them down.
+    pub fn functions(&self) -> Vec<SharedPciDevice> {
+        self.functions.values().cloned().collect()
+    }
+
     /// Put `device` at function 0 of the lowest free device number.
     pub fn add_device(&mut self, device: SharedPciDevice) -> Result<DevFn, PciError> {
         let devfn = (1..DEVICES_PER_BUS)

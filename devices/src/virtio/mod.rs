@@ -129,4 +129,10 @@ pub trait VirtioDevice: Send {
     /// Device reset: stop serving queues (wait for requests in flight) and
     /// drop them. The device can be activated again afterwards.
     fn reset(&mut self);
+    /// The machine stops: stop serving and flush the backend
+    /// ([`crate::pci::PciDevice::shutdown`]). A reset unless the device has a
+    /// backend to flush.
+    fn shutdown(&mut self) {
+        self.reset();
+    }
 }

@@ -26,6 +26,9 @@ umount /tmp/rootmnt
 for img in $(sed -n 's|^path = "@WORK@/\(.*\.raw\)"|\1|p' "$template"); do
     "$platter" img create -f raw "$work/$img" 32M >/dev/null
 done
+for img in $(sed -n 's|^path = "@WORK@/\(.*\.qcow2\)"|\1|p' "$template"); do
+    "$platter" img create -f qcow2 "$work/$img" 32M >/dev/null
+done
 # Images under @SMALL@ live on an 8 MiB file system: writes past that fail
 # with ENOSPC, which the guest must see as an I/O error (the error path).
 small=/tmp/small
@@ -53,8 +56,9 @@ grep -o '"id":"[^"]*","stats":{"read":{"ops":[0-9]*' $work/stats.json |
     sed 's/"id":"\([^"]*\)","stats":{"read":{"ops":\([0-9]*\)/STATS_FILE_READ_OPS \1 \2/'
 echo "L1_MEM_AVAILABLE_MIB $(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo)"
 set -e
-for f in $work/*.raw; do
+for f in $work/*.raw $work/*.qcow2; do
+    [ -e "$f" ] || continue
     n=${f##*/}
-    echo "ALLOC_KIB ${n%.raw} $(( $(stat -c %b "$f") * 512 / 1024 ))"
+    echo "ALLOC_KIB ${n%.*} $(( $(stat -c %b "$f") * 512 / 1024 ))"
 done
 umount $work

@@ -35,11 +35,14 @@ echo "RO_FLAG $(cat /sys/block/$d/ro)"
 dd if=/dev/zero of=/dev/$d bs=4k count=1 oflag=direct 2>/dev/null; echo "RO_WRITE $?"
 dd if=/dev/$d of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null; echo "RO_READ $?"
 
-for s in disc-on disc-off; do
+for s in disc-on disc-q2 disc-off; do
     d=$(dev $s)
     echo "DISCMAX $s $(cat /sys/block/$d/queue/discard_max_bytes)"
     dd if=/dev/urandom of=/tmp/data bs=1M count=8 2>/dev/null
-    dd if=/tmp/data of=/dev/$d bs=1M oflag=direct 2>/dev/null; echo "WROTE $s $?"
+    # busybox dd ignores oflag=direct: sync puts the data on the disk before
+    # the discard (which would otherwise just drop the dirty pages).
+    dd if=/tmp/data of=/dev/$d bs=1M 2>/dev/null; echo "WROTE $s $?"
+    sync
     blkdiscard /dev/$d 2>/dev/null; echo "BLKDISCARD $s $?"
 done
 

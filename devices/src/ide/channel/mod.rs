@@ -150,6 +150,15 @@ impl IdeChannel {
         }
     }
 
+    /// The machine stops: let each drive's requests finish and flush its disk.
+    pub fn shutdown(&mut self) {
+        for drive in self.drives.iter_mut().flatten() {
+            if let Err(e) = drive.disk.drain_and_flush(crate::pci::SHUTDOWN_TIMEOUT) {
+                log::error!("IDE: flushing a disk at shutdown: {e}");
+            }
+        }
+    }
+
     /// The PCI command register's bus master enable changed.
     pub fn set_bus_master_enabled(&mut self, on: bool) {
         self.bus_master_enabled = on;

@@ -267,6 +267,15 @@ impl VirtioDevice for VirtioBlk {
         }
     }
 
+    fn shutdown(&mut self) {
+        self.stop_thread();
+        if let Some(disk) = &mut self.disk {
+            if let Err(e) = disk.drain_and_flush(crate::pci::SHUTDOWN_TIMEOUT) {
+                log::error!("virtio-blk: flushing the disk at shutdown: {e}");
+            }
+        }
+    }
+
     fn reset(&mut self) {
         self.stop_thread();
         self.wce.store(self.initial_wce, Ordering::SeqCst);

@@ -401,6 +401,11 @@ impl PciDevice for VirtioPciDevice {
             self.write_region(offset, data);
         }
     }
+
+    fn shutdown(&mut self) {
+        self.device.shutdown();
+        self.active = false;
+    }
 }
 
 impl Drop for VirtioPciDevice {
