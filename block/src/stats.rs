@@ -273,24 +273,18 @@ impl StatsSnapshot {
         let mut s = String::from("{");
         for k in IoKind::ALL {
             let c = self.kind(k);
+            let fields = c.fields();
+            let (latencies, throttle) = fields.split_at(7);
+            let _ = write!(s, "\"{}\":{{", k.as_str());
+            for (json, _, v) in latencies {
+                let _ = write!(s, "\"{json}\":{v},");
+            }
             let hist: Vec<String> = c.histogram.iter().map(u64::to_string).collect();
-            let _ = write!(
-                s,
-                "\"{}\":{{\"ops\":{},\"bytes\":{},\"errors\":{},\"refused\":{},\
-                 \"latency_us_mean\":{},\"latency_us_p50\":{},\"latency_us_p99\":{},\
-                 \"latency_us_histogram\":[{}],\"throttled\":{},\"throttle_wait_us\":{}}},",
-                k.as_str(),
-                c.ops,
-                c.bytes,
-                c.errors,
-                c.refused,
-                us(c.mean_latency()),
-                us(c.percentile(0.5)),
-                us(c.percentile(0.99)),
-                hist.join(","),
-                c.throttled,
-                us(Some(c.throttle_wait)),
-            );
+            let _ = write!(s, "\"latency_us_histogram\":[{}]", hist.join(","));
+            for (json, _, v) in throttle {
+                let _ = write!(s, ",\"{json}\":{v}");
+            }
+            s.push_str("},");
         }
         let _ = write!(
             s,
@@ -298,6 +292,28 @@ impl StatsSnapshot {
             self.in_flight, self.throttled_now
         );
         s
+    }
+}
+
+impl KindSnapshot {
+    /// The numbers both outputs show, in order, as (JSON key, text key, value); latencies
+    /// in microseconds. The JSON adds the histogram after the first seven.
+    fn fields(&self) -> [(&'static str, &'static str, u64); 9] {
+        [
+            ("ops", "ops", self.ops),
+            ("bytes", "bytes", self.bytes),
+            ("errors", "errors", self.errors),
+            ("refused", "refused", self.refused),
+            ("latency_us_mean", "lat_mean_us", us(self.mean_latency())),
+            ("latency_us_p50", "lat_p50_us", us(self.percentile(0.5))),
+            ("latency_us_p99", "lat_p99_us", us(self.percentile(0.99))),
+            ("throttled", "throttled", self.throttled),
+            (
+                "throttle_wait_us",
+                "throttle_wait_us",
+                us(Some(self.throttle_wait)),
+            ),
+        ]
     }
 }
 
@@ -314,21 +330,11 @@ impl fmt::Display for StatsSnapshot {
             if c.ops == 0 && c.refused == 0 && c.throttled == 0 {
                 continue;
             }
-            writeln!(
-                f,
-                "{}: ops={} bytes={} errors={} refused={} lat_mean_us={} lat_p50_us={} \
-                 lat_p99_us={} throttled={} throttle_wait_us={}",
-                k.as_str(),
-                c.ops,
-                c.bytes,
-                c.errors,
-                c.refused,
-                us(c.mean_latency()),
-                us(c.percentile(0.5)),
-                us(c.percentile(0.99)),
-                c.throttled,
-                us(Some(c.throttle_wait)),
-            )?;
+            write!(f, "{}:", k.as_str())?;
+            for (_, text, v) in c.fields() {
+                write!(f, " {text}={v}")?;
+            }
+            writeln!(f)?;
         }
         write!(
             f,
