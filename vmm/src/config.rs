@@ -285,6 +285,11 @@ pub enum Media {
     Cdrom,
 }
 
+/// Bounds of `l2_cache_size`: one 64 KiB table at least, as much as a 4 TiB
+/// disk with 64 KiB clusters maps at most.
+const L2_CACHE_MIN: u64 = 64 << 10;
+const L2_CACHE_MAX: u64 = 4 << 30;
+
 /// `[[disk]]`
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -326,6 +331,8 @@ pub struct DiskConfig {
     pub logical_block_size: Option<u32>,
     /// Physical block size in bytes.
     pub physical_block_size: Option<u32>,
+    /// qcow2: bytes of L2 tables kept in memory (QEMU's l2-cache-size).
+    pub l2_cache_size: Option<MemorySize>,
     /// This disk's own limits (flat keys: iops_total, bps_read_max, ...).
     pub throttle: Option<std::collections::BTreeMap<String, u64>>,
     /// A `[[throttle_group]]` whose limits this disk shares.
@@ -527,6 +534,20 @@ impl Config {
                             format!("must be a power of two from 512 to 65536, physical >= logical (got {v})"),
                         ));
                     }
+                }
+            }
+            if let Some(size) = d.l2_cache_size {
+                if d.format == Some(DiskFormat::Raw) {
+                    return Err(err(
+                        &key("l2_cache_size"),
+                        "only qcow2 images have an L2 cache".into(),
+                    ));
+                }
+                if !(L2_CACHE_MIN..=L2_CACHE_MAX).contains(&size.0) {
+                    return Err(err(
+                        &key("l2_cache_size"),
+                        format!("must be from 64K to 4G (got {} bytes)", size.0),
+                    ));
                 }
             }
             if let Some(name) = &d.iothread {

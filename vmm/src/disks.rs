@@ -93,6 +93,9 @@ fn block_options(d: &DiskConfig) -> DiskOptions {
     };
     o.readonly = d.readonly || d.media == config::Media::Cdrom;
     o.discard = d.discard;
+    if let Some(size) = d.l2_cache_size {
+        o.l2_cache_size = size.0;
+    }
     o
 }
 
@@ -130,16 +133,23 @@ pub fn open_all(cfg: &Config) -> Result<Vec<OpenedDisk>, ConfigError> {
                 (None, Some(g)) => groups.get(g).cloned(),
                 (None, None) => None,
             };
-            open_disk(&opts)
-                .map(|disk| OpenedDisk {
-                    config: d.clone(),
-                    disk,
-                })
-                .map_err(|e| ConfigError {
-                    file: file.clone(),
-                    key: format!("disk[{i}].path"),
-                    message: format!("disk `{}`: {e}", d.id),
-                })
+            let fail = |k: &str, message: String| ConfigError {
+                file: file.clone(),
+                key: format!("disk[{i}].{k}"),
+                message: format!("disk `{}`: {message}", d.id),
+            };
+            let disk = open_disk(&opts).map_err(|e| fail("path", e.to_string()))?;
+            // Validation caught `format = "raw"`; this is a raw image found by probing.
+            if d.l2_cache_size.is_some() && disk.format() != platter_block::Format::Qcow2 {
+                return Err(fail(
+                    "l2_cache_size",
+                    "the image is raw; only qcow2 images have an L2 cache".into(),
+                ));
+            }
+            Ok(OpenedDisk {
+                config: d.clone(),
+                disk,
+            })
         })
         .collect()
 }
@@ -380,5 +390,40 @@ mod tests {
         assert_eq!(p, vec![(0, 1), (0, 0), (1, 0)]);
         let p = ide_positions(&[disk(Some(1), None), disk(None, Some(1)), disk(None, None)]);
         assert_eq!(p, vec![(1, 0), (0, 1), (0, 0)]);
+    }
+
+    /// A probed raw image refuses `l2_cache_size` with the key named; a
+    /// qcow2 image takes it.
+    #[test]
+    fn l2_cache_size_needs_a_qcow2_image() {
+        let dir = std::env::temp_dir().join(format!("platter-disks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let raw = dir.join("a.raw");
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let q = dir.join("a.qcow2");
+        platter_block::img::create(
+            &q,
+            platter_block::Format::Qcow2,
+            1 << 20,
+            &Default::default(),
+        )
+        .unwrap();
+        let cfg = |path: &std::path::Path| {
+            let text = format!(
+                "[kernel]\npath = \"k\"\n[[disk]]\nid = \"a\"\npath = \"{}\"\n\
+                 controller = \"virtio-blk\"\nl2_cache_size = \"1M\"\n",
+                path.display()
+            );
+            config::Config::parse(&text, "t.toml", &[]).unwrap()
+        };
+        let e = open_all(&cfg(&raw)).err().expect("raw refused");
+        assert_eq!(e.key, "disk[0].l2_cache_size", "{e}");
+        let opened = open_all(&cfg(&q)).unwrap();
+        assert_eq!(opened[0].disk.format(), platter_block::Format::Qcow2);
+        drop(opened);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

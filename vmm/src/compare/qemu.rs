@@ -122,6 +122,12 @@ pub fn disk_args(
         if d.discard { "unmap" } else { "ignore" },
         on_off(d.readonly || d.media == Media::Cdrom),
     );
+    let drive_opts = match d.l2_cache_size {
+        Some(size) if format == DiskFormat::Qcow2 => {
+            format!("{drive_opts},l2-cache-size={}", size.0)
+        }
+        _ => drive_opts,
+    };
     let mut props = String::new();
     if let Some(s) = serial {
         props += &format!(",serial={}", opt(s));
@@ -426,6 +432,19 @@ mod tests {
             "{a}"
         );
         assert_eq!(memory_arg(3 << 19), "1536K");
+    }
+
+    #[test]
+    fn qcow2_l2_cache_size_reaches_the_drive() {
+        let q = raw_disk("q", "virtio-blk", "l2_cache_size = \"8M\"")
+            .replace("format = \"raw\"", "format = \"qcow2\"");
+        let cfg = config(&format!("{}{q}", raw_disk("root", "virtio-blk", "")));
+        let subjects = super::super::plan::subjects(&cfg).unwrap();
+        let j = args(&cfg, &subjects, "c").unwrap().join(" ");
+        assert!(
+            j.contains("format=qcow2,") && j.contains(",l2-cache-size=8388608 "),
+            "{j}"
+        );
     }
 
     #[test]

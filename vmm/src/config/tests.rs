@@ -419,3 +419,32 @@ fn throttle_limits_per_disk_and_per_group() {
         assert_eq!(e.key, key, "{text}: {e}");
     }
 }
+
+#[test]
+fn l2_cache_size_is_for_qcow2_and_bounded() {
+    let qcow2 = DISK.replace("format = \"raw\"", "format = \"qcow2\"");
+    let detected = DISK.replace("format = \"raw\"\n", "");
+    for (disk, v) in [(&qcow2, "\"1M\""), (&qcow2, "64"), (&detected, "\"64K\"")] {
+        let (d, c) = on_disk(&format!("{GOOD}{disk}l2_cache_size = {v}\n"));
+        std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+        c.validate(&PLENTY).unwrap_or_else(|e| panic!("{v}: {e}"));
+    }
+    assert_eq!(
+        parse(&format!("{GOOD}{qcow2}l2_cache_size = \"1M\"\n"))
+            .unwrap()
+            .disks[0]
+            .l2_cache_size,
+        Some(MemorySize(1 << 20))
+    );
+    for (disk, v, why) in [
+        (DISK, "\"1M\"", "only qcow2"),
+        (&qcow2, "\"32K\"", "from 64K to 4G"),
+        (&qcow2, "\"5G\"", "from 64K to 4G"),
+    ] {
+        let (d, c) = on_disk(&format!("{GOOD}{disk}l2_cache_size = {v}\n"));
+        std::fs::write(d.0.join("data.img"), [0u8; 512]).unwrap();
+        let e = c.validate(&PLENTY).unwrap_err();
+        assert_eq!(e.key, "disk[0].l2_cache_size", "{v}: {e}");
+        assert!(e.to_string().contains(why), "{e}");
+    }
+}
