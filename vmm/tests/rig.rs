@@ -14,10 +14,9 @@ const MEMORY_MIB: u64 = 512;
 /// The Q35 host bridge Platter's PCI root presents at 00:00.0.
 const HOST_BRIDGE: &str = "0000:00:00.0 0x8086 0x29c0 0x060000";
 /// vCPUs of the disk tests' guests. One: with two, guests under sustained I/O
-/// in the nested TCG rig now and then lose a vCPU (soft lockups, RCU stalls,
-/// a request whose interrupt never arrives) or triple-fault with nothing
-/// logged, under Platter and under QEMU as the L2 VMM alike; see the issue
-/// notes. The boot test and the short multiqueue test keep two.
+/// in the nested TCG rig now and then lose a vCPU (soft lockups and RCU
+/// stalls, seen under QEMU as the L2 VMM too; a request that never completes)
+/// or triple-fault with nothing logged; see the issue notes. The boot test and the short multiqueue test keep two.
 const DISK_TEST_VCPUS: u32 = 1;
 /// RAM of the rig's L1 machine for these tests.
 const L1_MEMORY_MIB: &str = "6144";
