@@ -1,0 +1,468 @@
+//! Pipeline tests: edge cases of the request pipeline here; the model test of random
+//! concurrent mixes against an in-memory image (`model.rs`), durability after SIGKILL
+//! (`durability.rs`) and interoperability with qemu-img (`interop.rs`) beside it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::options::AioMode;
+use crate::testutil::{Rng, TempDir};
+
+const DISK_SIZE: u64 = 1 << 20;
+const MEM_SIZE: usize = 16 << 20;
+const SLOT: u64 = 128 << 10;
+const MAX_LEN: u64 = 64 << 10;
+const ENGINES: [AioMode; 3] = [AioMode::Threads, AioMode::IoUring, AioMode::Native];
+
+/// Engines that can run with `cache` (Linux AIO needs O_DIRECT).
+pub(super) fn engines_for(cache: CacheMode) -> impl Iterator<Item = AioMode> {
+    ENGINES
+        .into_iter()
+        .filter(move |a| *a != AioMode::Native || cache.direct())
+}
+
+pub(super) fn make_image(dir: &TempDir, size: u64) -> std::path::PathBuf {
+    let p = dir.path().join("disk.raw");
+    File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+pub(super) fn opts(path: &Path, cache: CacheMode, aio: AioMode) -> DiskOptions {
+    DiskOptions {
+        format: Some(Format::Raw),
+        cache,
+        aio,
+        ..DiskOptions::new(path)
+    }
+}
+
+/// Wait on the eventfd until `n` completions arrived.
+pub(super) fn wait_all(disk: &mut Disk, n: usize) -> Vec<Completion> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let fired = disk.wait_completions(Some(Duration::from_secs(10)));
+        assert!(
+            fired.unwrap(),
+            "no completion within 10 s ({} of {n})",
+            got.len()
+        );
+        got.extend(disk.completions());
+    }
+    assert_eq!(got.len(), n);
+    got
+}
+
+fn run(disk: &mut Disk, op: RequestOp) -> Result<usize, BlockError> {
+    disk.submit(Request { tag: 7, op }).map_err(|e| e.error)?;
+    wait_all(disk, 1).pop().unwrap().1
+}
+
+fn guest_sg(mem: &GuestMemoryMmap, addr: u64, len: u64, rng: &mut Rng) -> SgList {
+    // 1 to 3 segments with random split points.
+    let mut segs = Vec::new();
+    let mut at = addr;
+    let mut left = len;
+    let pieces = 1 + rng.below(3);
+    for i in 0..pieces {
+        let n = if i + 1 == pieces || left <= 1 {
+            left
+        } else {
+            1 + rng.below(left - 1)
+        };
+        segs.push((GuestAddress(at), n as usize));
+        at += n;
+        left -= n;
+        if left == 0 {
+            break;
+        }
+    }
+    SgList::from_guest(mem, &segs).unwrap()
+}
+
+/// Small requests packed into a few blocks, so concurrent requests share blocks.
+const HOT_SIZE: u64 = 8192;
+const HOT_MAX_LEN: u64 = 700;
+
+fn random_range(rng: &mut Rng, hot: bool) -> (u64, u64) {
+    if hot {
+        let off = rng.below(HOT_SIZE);
+        let len = (1 + rng.below(HOT_MAX_LEN)).min(HOT_SIZE - off);
+        return (off, len);
+    }
+    let pick = |rng: &mut Rng, max: u64| match rng.below(4) {
+        0 => rng.below(max / 4096 + 1) * 4096,
+        1 => rng.below(max / 512 + 1) * 512,
+        _ => rng.below(max + 1),
+    };
+    let off = pick(rng, DISK_SIZE - 1).min(DISK_SIZE - 1);
+    let len = pick(rng, MAX_LEN).clamp(1, DISK_SIZE - off);
+    (off, len)
+}
+
+enum Planned {
+    Read { off: u64, len: u64, addr: u64 },
+    Write { off: u64, data: Vec<u8> },
+    Zero { off: u64, len: u64 },
+    Flush,
+}
+
+/// The image a model test runs on.
+#[derive(Clone, Copy, Debug)]
+enum TestImage {
+    Raw,
+    /// qcow2 with this cluster size, optionally over a raw backing file of random bytes.
+    Qcow2 {
+        cluster: u64,
+        backing: bool,
+    },
+}
+
+/// Create the image; returns its path and its initial guest contents.
+fn make_test_image(dir: &TempDir, img: TestImage) -> (std::path::PathBuf, Vec<u8>) {
+    match img {
+        TestImage::Raw => (make_image(dir, DISK_SIZE), vec![0u8; DISK_SIZE as usize]),
+        TestImage::Qcow2 { cluster, backing } => {
+            let mut initial = vec![0u8; DISK_SIZE as usize];
+            let mut o = crate::CreateOptions {
+                cluster_size: Some(cluster),
+                ..Default::default()
+            };
+            if backing {
+                // Shorter than the disk: the rest reads as zeroes.
+                let mut rng = Rng::new(99);
+                let base: Vec<u8> = (0..DISK_SIZE - 3 * 4096)
+                    .map(|_| rng.next() as u8)
+                    .collect();
+                std::fs::write(dir.path().join("base.raw"), &base).unwrap();
+                initial[..base.len()].copy_from_slice(&base);
+                o.backing_file = Some("base.raw".into());
+                o.backing_format = Some(Format::Raw);
+            }
+            let p = dir.path().join("disk.qcow2");
+            crate::img::create(&p, Format::Qcow2, DISK_SIZE, &o).unwrap();
+            (p, initial)
+        }
+    }
+}
+
+/// Guest contents of the image at `path` as qemu-img sees them (after `qemu-img check`
+/// passes), or as a fresh read-only open of ours does without qemu-img.
+pub(super) fn guest_contents(path: &Path, format: Format) -> Vec<u8> {
+    if format == Format::Raw {
+        return std::fs::read(path).unwrap();
+    }
+    if let Some(q) = crate::testutil::qemu_img() {
+        let p = path.as_os_str();
+        crate::testutil::run_ok(&q, &["check".as_ref(), "-f".as_ref(), "qcow2".as_ref(), p]);
+        return crate::testutil::qemu_read_qcow2(&q, path);
+    }
+    let mut d = open_disk(&DiskOptions {
+        format: Some(format),
+        readonly: true,
+        ..DiskOptions::new(path)
+    })
+    .unwrap();
+    let mut v = vec![0u8; d.size() as usize];
+    // SAFETY: `v` outlives the request, which completes before `run` returns.
+    let sg = unsafe {
+        SgList::from_raw(
+            vec![crate::IoVec {
+                base: v.as_mut_ptr(),
+                len: v.len(),
+            }],
+            None,
+        )
+    };
+    run(&mut d, RequestOp::Read { offset: 0, buf: sg }).unwrap();
+    v
+}
+
+#[test]
+fn direct_io_detects_alignment_and_bounces() {
+    let dir = TempDir::new("align");
+    let path = make_image(&dir, DISK_SIZE);
+    let disk = open_disk(&opts(&path, CacheMode::None, AioMode::Threads)).unwrap();
+    let a = disk.request_alignment();
+    eprintln!(
+        "O_DIRECT request alignment detected: {a}, memory alignment {}",
+        disk.mem_align
+    );
+    assert!(a.is_power_of_two() && a >= 512, "alignment {a}");
+    assert!(u64::from(disk.physical_block_size()) >= a);
+    assert_eq!(disk.logical_block_size(), 512);
+    let buffered = open_disk(&DiskOptions {
+        readonly: true,
+        locking: false,
+        ..opts(&path, CacheMode::Writeback, AioMode::Threads)
+    })
+    .unwrap();
+    assert_eq!(buffered.request_alignment(), 1);
+}
+
+#[test]
+fn requests_past_the_end_are_handed_back() {
+    let dir = TempDir::new("range");
+    let path = make_image(&dir, DISK_SIZE);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    for aio in ENGINES {
+        let cache = if aio == AioMode::Native {
+            CacheMode::None
+        } else {
+            CacheMode::Writeback
+        };
+        let mut disk = open_disk(&opts(&path, cache, aio)).unwrap();
+        let sg = SgList::from_guest(&mem, &[(GuestAddress(0), 1024)]).unwrap();
+        let err = disk
+            .submit(Request {
+                tag: 1,
+                op: RequestOp::Read {
+                    offset: DISK_SIZE - 512,
+                    buf: sg,
+                },
+            })
+            .unwrap_err();
+        assert!(matches!(err.error, BlockError::OutOfRange { .. }), "{err}");
+        assert_eq!(err.request.tag, 1);
+        let huge = disk.submit(Request {
+            tag: 2,
+            op: RequestOp::Discard {
+                offset: u64::MAX - 10,
+                len: 100,
+            },
+        });
+        assert!(matches!(
+            huge.unwrap_err().error,
+            BlockError::OutOfRange { .. }
+        ));
+        // The last byte is fine.
+        let sg = SgList::from_guest(&mem, &[(GuestAddress(0), 1)]).unwrap();
+        assert_eq!(
+            run(
+                &mut disk,
+                RequestOp::Read {
+                    offset: DISK_SIZE - 1,
+                    buf: sg
+                }
+            )
+            .unwrap(),
+            1
+        );
+        assert_eq!(disk.in_flight(), 0);
+    }
+}
+
+#[test]
+fn read_only_disks_refuse_writes_and_share() {
+    let dir = TempDir::new("ro");
+    let path = make_image(&dir, DISK_SIZE);
+    let ro = DiskOptions {
+        readonly: true,
+        ..opts(&path, CacheMode::Writeback, AioMode::Threads)
+    };
+    let mut a = open_disk(&ro).unwrap();
+    let _b = open_disk(&ro).unwrap();
+    let err = a
+        .submit(Request {
+            tag: 1,
+            op: RequestOp::WriteZeroes {
+                offset: 0,
+                len: 512,
+                unmap: false,
+            },
+        })
+        .unwrap_err();
+    assert!(matches!(err.error, BlockError::ReadOnly));
+    // A writer is refused while readers hold the image.
+    let w = open_disk(&opts(&path, CacheMode::Writeback, AioMode::Threads));
+    assert!(matches!(w, Err(BlockError::Locked { .. })));
+}
+
+#[test]
+fn two_writers_are_refused() {
+    let dir = TempDir::new("lock");
+    let path = make_image(&dir, DISK_SIZE);
+    let _a = open_disk(&opts(&path, CacheMode::None, AioMode::IoUring)).unwrap();
+    let b = open_disk(&opts(&path, CacheMode::Writeback, AioMode::Threads));
+    let err = b.unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }));
+    assert!(err.to_string().contains("write"), "{err}");
+}
+
+#[test]
+fn wce_follows_cache_mode_and_toggles() {
+    let dir = TempDir::new("wce");
+    let path = make_image(&dir, DISK_SIZE);
+    for cache in CacheMode::ALL {
+        let mut d = open_disk(&opts(&path, *cache, AioMode::Threads)).unwrap();
+        assert_eq!(d.wce(), cache.initial_wce(), "{cache}");
+        d.set_wce(!d.wce());
+        assert_eq!(d.wce(), !cache.initial_wce());
+        assert_eq!(run(&mut d, RequestOp::Flush).unwrap(), 0);
+    }
+}
+
+#[test]
+fn native_aio_needs_o_direct() {
+    let dir = TempDir::new("native");
+    let path = make_image(&dir, DISK_SIZE);
+    for cache in CacheMode::ALL.iter().filter(|c| !c.direct()) {
+        let e = open_disk(&opts(&path, *cache, AioMode::Native)).unwrap_err();
+        assert!(matches!(e, BlockError::NativeAioNeedsDirect), "{cache}");
+        assert!(e.to_string().contains("cache=none"));
+    }
+    let d = open_disk(&opts(&path, CacheMode::Directsync, AioMode::Native)).unwrap();
+    assert_eq!(d.aio_mode(), AioMode::Native);
+}
+
+/// More requests than the AIO context holds wait in the engine and still all complete.
+#[test]
+fn native_aio_overflows_its_context() {
+    let dir = TempDir::new("native-q");
+    let path = make_image(&dir, DISK_SIZE);
+    let mut d = open_disk(&DiskOptions {
+        uring_entries: 8,
+        ..opts(&path, CacheMode::None, AioMode::Native)
+    })
+    .unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    for i in 0..100u64 {
+        let sg = SgList::from_guest(&mem, &[(GuestAddress(i * 4096), 4096)]).unwrap();
+        d.submit(Request {
+            tag: i,
+            op: RequestOp::Write {
+                offset: i * 4096,
+                buf: sg,
+            },
+        })
+        .unwrap();
+    }
+    d.submit(Request {
+        tag: 100,
+        op: RequestOp::Flush,
+    })
+    .unwrap();
+    let done = wait_all(&mut d, 101);
+    assert!(done.iter().all(|(_, r)| r.is_ok()));
+}
+
+#[test]
+fn qcow2_and_probing() {
+    let dir = TempDir::new("probe");
+    let q = dir.path().join("a.qcow2");
+    crate::img::create(&q, Format::Qcow2, 1 << 20, &Default::default()).unwrap();
+    let d = open_disk(&DiskOptions::new(&q)).unwrap();
+    assert_eq!((d.format(), d.size()), (Format::Qcow2, 1 << 20));
+    drop(d);
+    let r = make_image(&dir, 4096);
+    let d = open_disk(&DiskOptions::new(&r)).unwrap();
+    assert_eq!((d.format(), d.size()), (Format::Raw, 4096));
+}
+
+#[test]
+fn discard_punches_holes() {
+    let dir = TempDir::new("discard");
+    let path = dir.path().join("full.raw");
+    crate::img::create(
+        &path,
+        Format::Raw,
+        4 << 20,
+        &crate::CreateOptions {
+            preallocation: crate::Preallocation::Full,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before = std::fs::metadata(&path).unwrap().blocks();
+    let mut d = open_disk(&opts(&path, CacheMode::Writeback, AioMode::IoUring)).unwrap();
+    assert!(d.supports_discard());
+    run(
+        &mut d,
+        RequestOp::Discard {
+            offset: 0,
+            len: 2 << 20,
+        },
+    )
+    .unwrap();
+    run(
+        &mut d,
+        RequestOp::WriteZeroes {
+            offset: 2 << 20,
+            len: 1 << 20,
+            unmap: true,
+        },
+    )
+    .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let after = std::fs::metadata(&path).unwrap().blocks();
+    assert!(
+        after * 512 <= (before * 512) - (3 << 20),
+        "{before} -> {after} blocks"
+    );
+}
+
+/// The rig's sequence on a qcow2 disk: data written and flushed, the whole disk discarded,
+/// no guest flush after it, the machine stops: once the disk is drained and flushed the
+/// freed clusters are holes in the host file again, and the image checks clean.
+#[test]
+fn qcow2_discard_gives_the_space_back() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("discard-q2");
+    let path = dir.path().join("d.qcow2");
+    crate::img::create(&path, Format::Qcow2, 32 << 20, &Default::default()).unwrap();
+    for (cache, aio) in [
+        (CacheMode::None, AioMode::IoUring),
+        (CacheMode::Writeback, AioMode::Threads),
+    ] {
+        let o = DiskOptions {
+            format: Some(Format::Qcow2),
+            ..opts(&path, cache, aio)
+        };
+        let mut d = open_disk(&o).unwrap();
+        assert!(d.supports_discard());
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(&[0x5a; 1 << 20], GuestAddress(0)).unwrap();
+        for i in 0..8u64 {
+            let buf = SgList::from_guest(&mem, &[(GuestAddress(0), 1 << 20)]).unwrap();
+            run(
+                &mut d,
+                RequestOp::Write {
+                    offset: i << 20,
+                    buf,
+                },
+            )
+            .unwrap();
+        }
+        run(&mut d, RequestOp::Flush).unwrap();
+        let written = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            written >= 8 << 20,
+            "{cache:?}: {written} bytes after writing 8 MiB"
+        );
+        run(
+            &mut d,
+            RequestOp::Discard {
+                offset: 0,
+                len: 32 << 20,
+            },
+        )
+        .unwrap();
+        d.drain_and_flush(Duration::from_secs(10)).unwrap();
+        let left = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            left < 1 << 20,
+            "{cache:?}: {left} bytes left after discarding all"
+        );
+        if let Some(q) = crate::testutil::qemu_img() {
+            crate::testutil::run_ok(q, &["check", "-U", path.to_str().unwrap()]);
+        }
+        drop(d);
+    }
+}
+
+mod durability;
+mod interop;
+mod model;
