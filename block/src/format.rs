@@ -53,4 +53,9 @@ pub trait FormatDriver: Send {
     /// Make everything written through the synchronous path durable, cached metadata
     /// included (called after each synchronous-path request while the write cache is off).
     fn sync(&mut self) -> io::Result<()>;
+    /// Give back host space the driver took ahead of need (the machine is stopping; the
+    /// image stays usable).
+    fn trim_tail(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }

@@ -13,7 +13,8 @@ use crate::BlockError;
 impl Disk {
     /// Wait up to `timeout` for every request in flight (throttled ones start at once; their
     /// completions are dropped: nobody is left to hear them), then write cached metadata
-    /// back and, unless the cache mode ignores flushes, fdatasync. The disk stays usable.
+    /// back, give back space grown ahead of need and, unless the cache mode ignores flushes,
+    /// fdatasync. The disk stays usable.
     pub fn drain_and_flush(&mut self, timeout: Duration) -> Result<(), BlockError> {
         self.release_throttled();
         let deadline = Instant::now() + timeout;
@@ -34,6 +35,7 @@ impl Disk {
             return Ok(());
         }
         self.driver.flush_metadata().map_err(BlockError::Io)?;
+        self.driver.trim_tail().map_err(BlockError::Io)?;
         if self.cache.honours_flush() {
             let op = EngineOp {
                 id: 0,

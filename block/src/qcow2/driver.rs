@@ -134,8 +134,9 @@ pub struct Qcow2Driver {
     unsynced: bool,
     free_hint: u64,
     file_len: u64,
-    /// `[fresh_from, file_len)` is a hole we made by growing the file ahead and never wrote
-    /// nor allocated: clusters there read as zeroes without punching; trimmed at close.
+    /// `[fresh_from, file_len)` is the tail we grew the file by ahead of need (allocated as
+    /// unwritten extents where possible): clusters there read as zeroes without punching;
+    /// trimmed at close.
     fresh_from: u64,
     backing: Option<Box<dyn Backing>>,
     /// Last decompressed cluster: (host offset of the stream, data).
@@ -683,5 +684,9 @@ impl FormatDriver for Qcow2Driver {
 
     fn sync(&mut self) -> io::Result<()> {
         self.write_back_and_sync()
+    }
+
+    fn trim_tail(&mut self) -> io::Result<()> {
+        self.trim_fresh_tail()
     }
 }

@@ -89,6 +89,26 @@ impl HostFile {
         self.file.set_len(len)
     }
 
+    /// Grow the file from `from` to `to` with allocated blocks that read as zeroes (unwritten
+    /// extents), where the file system can; a sparse extension where it cannot. Why: on ext4
+    /// an O_DIRECT write into a hole allocates and takes the inode lock exclusively, so
+    /// allocating writes at depth 32 ran one at a time (0.6x of qemu-img bench, which
+    /// zero-allocates new clusters with fallocate); into unwritten extents they run in parallel.
+    pub(super) fn grow(&self, from: u64, to: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (i64::try_from(from), i64::try_from(to.saturating_sub(from)))
+        else {
+            return self.set_len(to);
+        };
+        // SAFETY: plain syscall on an open descriptor.
+        let r = unsafe { libc::fallocate64(self.file.as_raw_fd(), 0, off, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        log::debug!("qcow2: allocating the file's new tail: {e}; growing it sparse");
+        self.set_len(to)
+    }
+
     pub(super) fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
     }

@@ -167,7 +167,7 @@ impl Qcow2Driver {
                 let end = off + self.cluster;
                 if end > self.file_len {
                     let len = end.div_ceil(FILE_GROW_STEP) * FILE_GROW_STEP;
-                    self.meta.set_len(len)?;
+                    self.meta.grow(self.file_len, len)?;
                     self.file_len = len;
                 }
                 self.fresh_from = self.fresh_from.max(end);

@@ -230,12 +230,22 @@ impl Drop for Qcow2Driver {
                 return;
             }
         }
-        // Nothing is allocated in the hole grown ahead; a crash merely leaves it there.
-        if self.file_len > self.fresh_from {
-            if let Err(e) = self.meta.set_len(self.fresh_from) {
-                log::warn!("{}: trimming the qcow2 file: {e}", self.path.display());
-            }
+        if let Err(e) = self.trim_fresh_tail() {
+            log::warn!("{}: trimming the qcow2 file: {e}", self.path.display());
         }
+    }
+}
+
+impl Qcow2Driver {
+    /// Cut the file back to its last used cluster: nothing in the tail grown ahead
+    /// (`[fresh_from, file_len)`) is referenced; a crash merely leaves it there.
+    pub(super) fn trim_fresh_tail(&mut self) -> io::Result<()> {
+        if self.readonly || self.file_len <= self.fresh_from {
+            return Ok(());
+        }
+        self.meta.set_len(self.fresh_from)?;
+        self.file_len = self.fresh_from;
+        Ok(())
     }
 }
 
