@@ -7,11 +7,8 @@ set -euo pipefail
 platter=$1 template=$2 chart=$3 json=$4
 jobs=${5:-randread-4k-qd32,randwrite-4k-qd32}
 work=/tmp/compare
-modprobe -q loop; modprobe -q ext4
-mkdir -p $work
-truncate -s 512M /tmp/compare.fs
-mkfs.ext4 -q -F /tmp/compare.fs
-mount -o loop /tmp/compare.fs $work
+. "$(dirname "$0")/scratch.sh"
+scratch_ext4 $work 512M
 
 for img in $(sed -n 's|^path = "@WORK@/\(.*\)"|\1|p' "$template"); do
     "$platter" img create -f "${img##*.}" "$work/$img" 32M >/dev/null

@@ -10,11 +10,8 @@
 set -euo pipefail
 platter=$1 template=$2 guest=$3
 work=/tmp/disks
-modprobe -q loop; modprobe -q ext4
-mkdir -p $work
-truncate -s 1G /tmp/disks.fs
-mkfs.ext4 -q -F /tmp/disks.fs
-mount -o loop /tmp/disks.fs $work
+. "$(dirname "$0")/scratch.sh"
+scratch_ext4 $work 1G
 
 cp --sparse=always guests/cache/l2/rootfs.ext4 $work/root.ext4
 mkdir -p /tmp/rootmnt
