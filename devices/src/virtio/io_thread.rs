@@ -128,13 +128,21 @@ impl IoThread {
     }
 
     /// Stop serving the work in `slot` once nothing of it is in flight, and
-    /// give it back; `None` if the thread died with it.
-    pub fn detach(&self, slot: usize) -> Option<Box<dyn IoWork>> {
+    /// give it back; `None` if the thread died with it, or if `within` is
+    /// given and passes first (the work stays with the thread, draining).
+    pub fn detach(
+        &self,
+        slot: usize,
+        within: Option<std::time::Duration>,
+    ) -> Option<Box<dyn IoWork>> {
         let (tx, rx) = channel();
         if !self.send(Command::Detach(slot, tx)) {
             return None;
         }
-        rx.recv().ok()
+        match within {
+            Some(t) => rx.recv_timeout(t).ok(),
+            None => rx.recv().ok(),
+        }
     }
 }
 

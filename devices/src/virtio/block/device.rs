@@ -164,13 +164,21 @@ impl VirtioBlk {
         self.io_thread = Some(thread);
     }
 
-    fn stop_thread(&mut self) {
+    /// Take the queues back from the I/O thread once their requests are done;
+    /// with `within`, give up waiting after it (the disk is then lost).
+    fn stop_thread(&mut self, within: Option<std::time::Duration>) {
         let (Some(slot), Some(t)) = (self.attached.take(), &self.io_thread) else {
             return;
         };
-        match t.detach(slot).map(|w| w.into_any().downcast::<Worker>()) {
+        match t
+            .detach(slot, within)
+            .map(|w| w.into_any().downcast::<Worker>())
+        {
             Some(Ok(w)) => self.disk = Some(w.into_disk()),
-            _ => log::error!("virtio-blk: the I/O thread {} lost the disk", t.name()),
+            _ => log::error!(
+                "virtio-blk: the I/O thread {} did not give the disk back",
+                t.name()
+            ),
         }
     }
 }
@@ -222,7 +230,7 @@ impl VirtioDevice for VirtioBlk {
         queues: Vec<VirtQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        self.stop_thread();
+        self.stop_thread(None);
         if queues.is_empty() {
             return Err(ActivateError::Queues("no queue is enabled".into()));
         }
@@ -268,7 +276,7 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn shutdown(&mut self) {
-        self.stop_thread();
+        self.stop_thread(Some(crate::pci::SHUTDOWN_TIMEOUT));
         if let Some(disk) = &mut self.disk {
             if let Err(e) = disk.drain_and_flush(crate::pci::SHUTDOWN_TIMEOUT) {
                 log::error!("virtio-blk: flushing the disk at shutdown: {e}");
@@ -277,7 +285,7 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn reset(&mut self) {
-        self.stop_thread();
+        self.stop_thread(None);
         self.wce.store(self.initial_wce, Ordering::SeqCst);
         if let Some(disk) = &mut self.disk {
             disk.set_wce(self.initial_wce);
@@ -287,6 +295,6 @@ impl VirtioDevice for VirtioBlk {
 
 impl Drop for VirtioBlk {
     fn drop(&mut self) {
-        self.stop_thread();
+        self.stop_thread(None);
     }
 }

@@ -733,3 +733,69 @@ fn configured_block_sizes_are_offered_and_enforced() {
         ));
     }
 }
+
+/// The machine stops after the guest wrote to a qcow2 disk and discarded it all, with no
+/// flush after: shutdown takes the queues back from the I/O thread and flushes the disk, so
+/// the discarded clusters are given back to the host and the tables are on disk.
+#[test]
+fn shutdown_flushes_a_qcow2_disk_the_guest_never_flushed() {
+    use std::os::unix::fs::MetadataExt;
+    let mem = memory();
+    let path = std::env::temp_dir().join(format!("platter-shutdown-{}.qcow2", std::process::id()));
+    let _f = TempFile(path.clone());
+    platter_block::img::create(
+        &path,
+        platter_block::Format::Qcow2,
+        DISK_SIZE,
+        &Default::default(),
+    )
+    .unwrap();
+    let mut opts = platter_block::DiskOptions::new(&path);
+    opts.locking = false;
+    let mut blk = VirtioBlk::new(platter_block::open_disk(&opts).unwrap(), blk_config()).unwrap();
+    let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = notify.try_clone().unwrap();
+    let vq = VirtQueue {
+        index: 0,
+        queue: mock.create_queue().unwrap(),
+        notify,
+    };
+    let irq: Arc<dyn VirtioInterrupt> = Arc::new(MockInterrupt::default());
+    blk.activate(mem.clone(), blk.features(), vec![vq], irq)
+        .unwrap();
+
+    // 1 MiB of data, then a discard of the whole disk; no flush.
+    let len = 1u32 << 20;
+    mem.write_slice(&vec![0x5a; len as usize], GuestAddress(DATA))
+        .unwrap();
+    header(&mem, req_type::OUT, 0);
+    let write = [
+        RawDescriptor::from(SplitDescriptor::new(HEADER, 16, F_NEXT, 1)),
+        RawDescriptor::from(SplitDescriptor::new(DATA, len, F_NEXT, 2)),
+        RawDescriptor::from(SplitDescriptor::new(STATUS, 1, F_WRITE, 0)),
+    ];
+    mock.add_desc_chains(&write, 0).unwrap();
+    kick.write(1).unwrap();
+    wait_used(&mock, 1);
+    let written = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(written >= u64::from(len), "{written} bytes after the write");
+    header(&mem, req_type::DISCARD, 0);
+    segment(&mem, DATA2, 0, CAPACITY as u32, 0);
+    let discard = [
+        RawDescriptor::from(SplitDescriptor::new(HEADER, 16, F_NEXT, 4)),
+        RawDescriptor::from(SplitDescriptor::new(DATA2, 16, F_NEXT, 5)),
+        RawDescriptor::from(SplitDescriptor::new(STATUS, 1, F_WRITE, 0)),
+    ];
+    mock.add_desc_chains(&discard, 3).unwrap();
+    kick.write(1).unwrap();
+    wait_used(&mock, 2);
+    assert_eq!(read_mem(&mem, STATUS, 1), [OK]);
+
+    blk.shutdown();
+    let left = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(
+        left < u64::from(len) / 2,
+        "{left} bytes left after shutdown"
+    );
+}
