@@ -22,6 +22,8 @@ pub struct UringEngine {
     capacity: usize,
     waiting: VecDeque<EngineOp>,
     done: VecDeque<EngineCompletion>,
+    /// Entries are queued but not submitted until `unplug`.
+    plugged: bool,
     _evt: EventFd,
 }
 
@@ -40,6 +42,7 @@ impl UringEngine {
             capacity,
             waiting: VecDeque::new(),
             done: VecDeque::new(),
+            plugged: false,
             _evt: evt,
         })
     }
@@ -97,6 +100,9 @@ impl UringEngine {
             }
         }
         self.inflight.insert(key, op);
+        if self.plugged {
+            return Ok(());
+        }
         if let Err(e) = self.ring.submit() {
             // The entry stays in the queue and goes in with the next successful submit.
             log::warn!("io_uring submit failed, will retry: {e}");
@@ -148,6 +154,21 @@ impl Engine for UringEngine {
             self.reap();
         }
         self.done.pop_front()
+    }
+
+    fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    fn unplug(&mut self) {
+        self.plugged = false;
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        if let Err(e) = self.ring.submit() {
+            // The entries stay in the queue and go in with the next successful submit.
+            log::warn!("io_uring submit failed, will retry: {e}");
+        }
     }
 }
 

@@ -466,3 +466,42 @@ fn qcow2_discard_gives_the_space_back() {
 mod durability;
 mod interop;
 mod model;
+
+/// Requests submitted while plugged reach io_uring's kernel side only at unplug, all of
+/// them then; the other engines ignore plugging.
+#[test]
+fn plugged_requests_go_at_unplug() {
+    let dir = TempDir::new("plug");
+    let path = make_image(&dir, DISK_SIZE);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    for aio in [AioMode::IoUring, AioMode::Threads] {
+        let mut d = open_disk(&opts(&path, CacheMode::Writeback, aio)).unwrap();
+        d.plug();
+        for i in 0..8u64 {
+            let buf = SgList::from_guest(&mem, &[(GuestAddress(i * 4096), 4096)]).unwrap();
+            let op = RequestOp::Read {
+                offset: i * 4096,
+                buf,
+            };
+            d.submit(Request { tag: i, op })
+                .map_err(|e| e.error)
+                .unwrap();
+        }
+        if aio == AioMode::IoUring {
+            let fired = d
+                .wait_completions(Some(Duration::from_millis(100)))
+                .unwrap();
+            assert!(!fired, "a plugged request completed");
+        }
+        d.unplug();
+        let mut tags: Vec<u64> = wait_all(&mut d, 8)
+            .into_iter()
+            .map(|(t, r)| {
+                r.unwrap();
+                t
+            })
+            .collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..8).collect::<Vec<_>>(), "{aio:?}");
+    }
+}

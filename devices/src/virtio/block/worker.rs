@@ -128,9 +128,16 @@ impl Worker {
         }
     }
 
-    /// Serve every chain available on the queue at `pos`.
+    /// Serve every chain available on the queue at `pos`, handing the disk
+    /// requests to the kernel together at the end.
     pub(super) fn process_queue(&mut self, pos: usize) {
         self.sync_wce();
+        self.disk.plug();
+        self.serve_queue(pos);
+        self.disk.unplug();
+    }
+
+    fn serve_queue(&mut self, pos: usize) {
         loop {
             if self.queues[pos].broken {
                 return;
