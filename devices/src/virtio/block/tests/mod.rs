@@ -530,6 +530,27 @@ fn wait_used(mock: &MockSplitQueue<'_, GuestMemoryMmap>, n: u16) {
     }
 }
 
+/// Activate `blk` on queue `index` of `mock` (served by its I/O thread); returns the
+/// eventfd that kicks it.
+fn activate_on(
+    blk: &mut VirtioBlk,
+    mem: &GuestMemoryMmap,
+    mock: &MockSplitQueue<'_, GuestMemoryMmap>,
+    index: u16,
+    irq: Arc<dyn VirtioInterrupt>,
+) -> EventFd {
+    let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = notify.try_clone().unwrap();
+    let vq = VirtQueue {
+        index,
+        queue: mock.create_queue().unwrap(),
+        notify,
+    };
+    let features = blk.features();
+    blk.activate(mem.clone(), features, vec![vq], irq).unwrap();
+    kick
+}
+
 #[test]
 fn io_thread_serves_kicks_and_survives_reset() {
     let mem = memory();
@@ -540,17 +561,7 @@ fn io_thread_serves_kicks_and_survives_reset() {
     mem.write_slice(&data, GuestAddress(DATA)).unwrap();
 
     let start = |blk: &mut VirtioBlk, mock: &MockSplitQueue<'_, GuestMemoryMmap>| {
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        let kick = notify.try_clone().unwrap();
-        let vq = VirtQueue {
-            index: 0,
-            queue: mock.create_queue().unwrap(),
-            notify,
-        };
-        let features = blk.features();
-        blk.activate(mem.clone(), features, vec![vq], irq.clone())
-            .unwrap();
-        kick
+        activate_on(blk, &mem, mock, 0, irq.clone())
     };
 
     let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
@@ -635,17 +646,7 @@ fn two_devices_share_one_io_thread_and_reset_independently() {
     let mock_a = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE);
     let mock_b = MockSplitQueue::create(&mem, GuestAddress(0x8000), QUEUE_SIZE);
     let activate = |blk: &mut VirtioBlk, mock: &MockSplitQueue<'_, GuestMemoryMmap>, index| {
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        let kick = notify.try_clone().unwrap();
-        let vq = VirtQueue {
-            index,
-            queue: mock.create_queue().unwrap(),
-            notify,
-        };
-        let features = blk.features();
-        blk.activate(mem.clone(), features, vec![vq], irq.clone())
-            .unwrap();
-        kick
+        activate_on(blk, &mem, mock, index, irq.clone())
     };
     let kick_a = activate(&mut a, &mock_a, 0);
     let kick_b = activate(&mut b, &mock_b, 0);
@@ -754,16 +755,7 @@ fn shutdown_flushes_a_qcow2_disk_the_guest_never_flushed() {
     opts.locking = false;
     let mut blk = VirtioBlk::new(platter_block::open_disk(&opts).unwrap(), blk_config()).unwrap();
     let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-    let kick = notify.try_clone().unwrap();
-    let vq = VirtQueue {
-        index: 0,
-        queue: mock.create_queue().unwrap(),
-        notify,
-    };
-    let irq: Arc<dyn VirtioInterrupt> = Arc::new(MockInterrupt::default());
-    blk.activate(mem.clone(), blk.features(), vec![vq], irq)
-        .unwrap();
+    let kick = activate_on(&mut blk, &mem, &mock, 0, Arc::new(MockInterrupt::default()));
 
     // 1 MiB of data, then a discard of the whole disk; no flush.
     let len = 1u32 << 20;
