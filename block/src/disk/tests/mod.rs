@@ -467,15 +467,19 @@ mod durability;
 mod interop;
 mod model;
 
-/// Requests submitted while plugged reach io_uring's kernel side only at unplug, all of
-/// them then; the other engines ignore plugging.
+/// Requests submitted while plugged reach the kernel (io_uring, Linux AIO) only at unplug,
+/// all of them then; the thread pool ignores plugging.
 #[test]
 fn plugged_requests_go_at_unplug() {
     let dir = TempDir::new("plug");
     let path = make_image(&dir, DISK_SIZE);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    for aio in [AioMode::IoUring, AioMode::Threads] {
-        let mut d = open_disk(&opts(&path, CacheMode::Writeback, aio)).unwrap();
+    for (aio, cache) in [
+        (AioMode::IoUring, CacheMode::Writeback),
+        (AioMode::Native, CacheMode::None),
+        (AioMode::Threads, CacheMode::Writeback),
+    ] {
+        let mut d = open_disk(&opts(&path, cache, aio)).unwrap();
         d.plug();
         for i in 0..8u64 {
             let buf = SgList::from_guest(&mem, &[(GuestAddress(i * 4096), 4096)]).unwrap();
@@ -487,7 +491,7 @@ fn plugged_requests_go_at_unplug() {
                 .map_err(|e| e.error)
                 .unwrap();
         }
-        if aio == AioMode::IoUring {
+        if aio != AioMode::Threads {
             let fired = d
                 .wait_completions(Some(Duration::from_millis(100)))
                 .unwrap();
