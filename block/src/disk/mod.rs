@@ -264,17 +264,6 @@ impl Disk {
         }
     }
 
-    /// Hold the engine's submissions back until [`Disk::unplug`]: for a device about to
-    /// submit a batch of requests, so they reach the kernel in one system call.
-    pub fn plug(&mut self) {
-        self.engine.plug();
-    }
-
-    /// Hand the requests held back since [`Disk::plug`] to the kernel.
-    pub fn unplug(&mut self) {
-        self.engine.unplug();
-    }
-
     /// Number of requests submitted and not yet returned by [`Disk::completions`], including
     /// those waiting for throttle budget.
     pub fn in_flight(&self) -> usize {

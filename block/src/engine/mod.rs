@@ -98,12 +98,6 @@ pub trait Engine: Send {
     fn submit(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)>;
     /// Take the next finished operation, if any.
     fn pop_completion(&mut self) -> Option<EngineCompletion>;
-    /// Hold submissions back until [`Engine::unplug`], so a device that drains a queue of
-    /// requests hands them to the kernel in one system call (QEMU's io_plug). Engines that
-    /// cannot batch ignore it.
-    fn plug(&mut self) {}
-    /// Hand over everything held back since [`Engine::plug`]; submissions go at once again.
-    fn unplug(&mut self) {}
 }
 
 /// Build the engine `opts.aio` names, signalling on `evt`.

@@ -5,8 +5,7 @@
 //! the AIO ring the kernel maps at the context address (as libaio and QEMU do), falling back to
 //! io_getevents when the ring header is not the known layout. fdatasync and fallocate have no
 //! useful Linux AIO form, so, like QEMU, they run on a small thread pool that signals the same
-//! eventfd. Reads and writes queue up and go in one io_submit per batch: one per request
-//! unless the device plugged the engine while draining its queue.
+//! eventfd.
 //!
 //! Linux AIO is only asynchronous with O_DIRECT (buffered io_submit blocks in the caller), so
 //! [`super::new_engine`] refuses it without O_DIRECT, as QEMU does.
@@ -108,8 +107,6 @@ pub struct NativeEngine {
     evt: EventFd,
     /// Whether completions can be read straight from the mapped ring.
     user_ring: bool,
-    /// Reads and writes wait in `waiting` until `unplug`.
-    plugged: bool,
 }
 
 impl NativeEngine {
@@ -140,13 +137,10 @@ impl NativeEngine {
             pool,
             evt,
             user_ring,
-            plugged: false,
         })
     }
 
-    /// The iocb of a read or write, tagged `key`; its iovec array is `op`'s (a heap array
-    /// that stays put when `op` moves).
-    fn iocb(&self, op: &EngineOp, key: u64) -> Iocb {
+    fn push(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
         let (opcode, offset, iovecs, rw_flags) = match &op.kind {
             OpKind::Read { offset, iovecs } => (IOCB_CMD_PREADV, *offset, iovecs, 0),
             OpKind::Write {
@@ -161,8 +155,10 @@ impl NativeEngine {
             ),
             OpKind::Fdatasync | OpKind::Fallocate { .. } => unreachable!("sent to the pool"),
         };
+        let key = self.next_key;
+        self.next_key = self.next_key.wrapping_add(1);
         let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize);
-        Iocb {
+        let mut iocb = Iocb {
             aio_data: key,
             aio_rw_flags: rw_flags,
             aio_lio_opcode: opcode,
@@ -173,70 +169,38 @@ impl NativeEngine {
             aio_flags: IOCB_FLAG_RESFD,
             aio_resfd: self.evt.as_raw_fd() as u32,
             ..Default::default()
-        }
-    }
-
-    /// Hand the waiting operations to the kernel, as many as the context has room for, in
-    /// as few io_submit calls as it accepts. One the kernel refuses completes with the error
-    /// (the eventfd is signalled); on EAGAIN with operations in flight the rest wait for a
-    /// completion to make room.
-    fn submit_waiting(&mut self) {
+        };
+        let mut list = [&mut iocb as *mut Iocb];
         loop {
-            let n = self
-                .capacity
-                .saturating_sub(self.inflight.len())
-                .min(self.waiting.len());
-            if n == 0 {
-                return;
-            }
-            let mut batch = Vec::with_capacity(n);
-            for op in self.waiting.drain(..n) {
-                batch.push((self.next_key, op));
-                self.next_key = self.next_key.wrapping_add(1);
-            }
-            let mut iocbs: Vec<Iocb> = batch.iter().map(|(k, op)| self.iocb(op, *k)).collect();
-            let mut list: Vec<*mut Iocb> = iocbs.iter_mut().map(|i| i as *mut Iocb).collect();
-            // SAFETY: `n` valid iocbs; their iovec arrays are owned by the ops, which are kept
-            // in `inflight` once accepted (until their completions are reaped), and the
-            // buffers are kept by the submitter (module contract of `engine`).
+            // SAFETY: one valid iocb; its iovec array is owned by `op`, which is kept in
+            // `inflight` until the completion is reaped, and the buffers are kept by the
+            // submitter (module contract of `engine`).
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_io_submit,
                     self.ctx,
-                    n as libc::c_long,
+                    1 as libc::c_long,
                     list.as_mut_ptr(),
                 )
             };
-            let error = (r < 0).then(io::Error::last_os_error);
-            let accepted = usize::try_from(r).unwrap_or(0);
-            let mut rest = batch.into_iter();
-            for (key, op) in rest.by_ref().take(accepted) {
+            if r == 1 {
                 self.inflight.insert(key, op);
+                return Ok(());
             }
-            let mut rest: VecDeque<EngineOp> = rest.map(|(_, op)| op).collect();
-            match error {
-                // All in, or stopped at an operation that the next round retries alone
-                // (then it fails on its own and its error is seen).
-                None => {}
-                Some(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Some(e) if e.raw_os_error() == Some(libc::EAGAIN) && !self.inflight.is_empty() => {
-                    rest.append(&mut self.waiting);
-                    self.waiting = rest;
-                    return;
+            let e = if r < 0 {
+                io::Error::last_os_error()
+            } else {
+                io::Error::other("io_submit accepted no request")
+            };
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // The context is full: wait for a slot.
+                Some(libc::EAGAIN) if !self.inflight.is_empty() => {
+                    self.waiting.push_front(op);
+                    return Ok(());
                 }
-                Some(e) => {
-                    let op = rest.pop_front().expect("a refused batch is not empty");
-                    self.done.push_back(EngineCompletion {
-                        id: op.id,
-                        result: Err(e),
-                    });
-                    if let Err(e) = self.evt.write(1) {
-                        log::error!("aio: cannot signal the completion eventfd: {e}");
-                    }
-                }
+                _ => return Err((BlockError::Submit(e), op)),
             }
-            rest.append(&mut self.waiting);
-            self.waiting = rest;
         }
     }
 
@@ -307,8 +271,19 @@ impl NativeEngine {
                 }
             }
         }
-        if !self.plugged {
-            self.submit_waiting();
+        while self.inflight.len() < self.capacity {
+            let Some(op) = self.waiting.pop_front() else {
+                break;
+            };
+            let before = self.waiting.len();
+            if let Err((e, op)) = self.push(op) {
+                self.done.push_back(EngineCompletion {
+                    id: op.id,
+                    result: Err(io::Error::other(e.to_string())),
+                });
+            } else if self.waiting.len() > before {
+                break; // EAGAIN: try again after the next completion
+            }
         }
     }
 }
@@ -322,11 +297,11 @@ impl Engine for NativeEngine {
         if matches!(op.kind, OpKind::Fdatasync | OpKind::Fallocate { .. }) {
             return self.pool.submit(op);
         }
-        self.waiting.push_back(op);
-        if !self.plugged {
-            self.submit_waiting();
+        if self.inflight.len() >= self.capacity || !self.waiting.is_empty() {
+            self.waiting.push_back(op);
+            return Ok(());
         }
-        Ok(())
+        self.push(op)
     }
 
     fn pop_completion(&mut self) -> Option<EngineCompletion> {
@@ -334,15 +309,6 @@ impl Engine for NativeEngine {
             self.reap();
         }
         self.done.pop_front().or_else(|| self.pool.pop_completion())
-    }
-
-    fn plug(&mut self) {
-        self.plugged = true;
-    }
-
-    fn unplug(&mut self) {
-        self.plugged = false;
-        self.submit_waiting();
     }
 }
 

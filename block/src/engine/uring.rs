@@ -22,8 +22,6 @@ pub struct UringEngine {
     capacity: usize,
     waiting: VecDeque<EngineOp>,
     done: VecDeque<EngineCompletion>,
-    /// Entries are queued but not submitted until `unplug`.
-    plugged: bool,
     _evt: EventFd,
 }
 
@@ -42,7 +40,6 @@ impl UringEngine {
             capacity,
             waiting: VecDeque::new(),
             done: VecDeque::new(),
-            plugged: false,
             _evt: evt,
         })
     }
@@ -100,9 +97,6 @@ impl UringEngine {
             }
         }
         self.inflight.insert(key, op);
-        if self.plugged {
-            return Ok(());
-        }
         if let Err(e) = self.ring.submit() {
             // The entry stays in the queue and goes in with the next successful submit.
             log::warn!("io_uring submit failed, will retry: {e}");
@@ -154,21 +148,6 @@ impl Engine for UringEngine {
             self.reap();
         }
         self.done.pop_front()
-    }
-
-    fn plug(&mut self) {
-        self.plugged = true;
-    }
-
-    fn unplug(&mut self) {
-        self.plugged = false;
-        if self.ring.submission().is_empty() {
-            return;
-        }
-        if let Err(e) = self.ring.submit() {
-            // The entries stay in the queue and go in with the next successful submit.
-            log::warn!("io_uring submit failed, will retry: {e}");
-        }
     }
 }
 

@@ -130,9 +130,9 @@ impl Worker {
 
     /// Serve every chain available on the queue at `pos`. Each request goes to
     /// the disk as it is popped: holding them all until the queue is drained
-    /// (`Disk::plug`, QEMU's io_plug) was measured in the rig at about half
-    /// the random-write IOPS at depth 32 (2500 vs 5029, raw, io_uring), since
-    /// the device then idles while the guest is still queueing.
+    /// (QEMU's io_plug) was measured in the rig at about half the random-write
+    /// IOPS at depth 32 (2500 vs 5029, raw, io_uring), since the device then
+    /// idles while the guest is still queueing.
     pub(super) fn process_queue(&mut self, pos: usize) {
         self.sync_wce();
         loop {
