@@ -305,15 +305,22 @@ fn assert_error_path(out: &str) {
     );
 }
 
-/// Run `disk_job.sh` in the rig with a config template (image paths under
-/// `@WORK@`) and the script the guest runs.
-fn disk_job(template: &Path, guest_script: &str) -> (i32, String) {
+/// Run `disk_job.sh` in the rig with config template `config` (image paths
+/// under `@WORK@`), written as `name`, and the script the guest runs; checks
+/// that the job ran, Platter exited 0 and the guest script finished, and
+/// returns the output.
+fn disk_job(name: &str, config: &str, guest_script: &str) -> String {
+    let template = write_template(name, config);
     let job = format!(
         "bash vmm/tests/rig/disk_job.sh '{}' '{}' '{guest_script}'",
         env!("CARGO_BIN_EXE_platter"),
         template.display()
     );
-    in_rig(&job)
+    let (rc, out) = in_rig(&job);
+    assert_eq!(rc, 0, "the rig job failed");
+    assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
+    assert!(out.contains(MARK_EXIT), "guest script did not finish");
+    out
 }
 
 /// Write a config template under guests/cache/tests (visible in L1).
@@ -344,11 +351,11 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
     if !enabled() {
         return;
     }
-    let template = write_template("virtio-blk.toml", &virtio_blk_config());
-    let (rc, out) = disk_job(&template, "vmm/tests/rig/virtio_blk_guest.sh");
-    assert_eq!(rc, 0, "the rig job failed");
-    assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
-    assert!(out.contains(MARK_EXIT), "guest script did not finish");
+    let out = disk_job(
+        "virtio-blk.toml",
+        &virtio_blk_config(),
+        "vmm/tests/rig/virtio_blk_guest.sh",
+    );
 
     let root = value(&out, "ROOT ").unwrap();
     assert_eq!(root, "/dev/vda ext4", "root file system on virtio-blk");
@@ -463,11 +470,11 @@ fn virtio_blk_multiqueue_serves_one_queue_per_vcpu() {
     if !enabled() {
         return;
     }
-    let template = write_template("virtio-blk-mq.toml", &virtio_blk_mq_config());
-    let (rc, out) = disk_job(&template, "vmm/tests/rig/virtio_mq_guest.sh");
-    assert_eq!(rc, 0, "the rig job failed");
-    assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
-    assert!(out.contains(MARK_EXIT), "guest script did not finish");
+    let out = disk_job(
+        "virtio-blk-mq.toml",
+        &virtio_blk_mq_config(),
+        "vmm/tests/rig/virtio_mq_guest.sh",
+    );
     assert_eq!(value(&out, "NPROC "), Some(VCPUS.to_string().as_str()));
     assert_eq!(value(&out, "MQ "), Some("2"));
     // blk-mq maps each CPU to a queue of its own.
@@ -794,11 +801,7 @@ fn ide_root_disks_and_cdrom_with_ata_piix() {
          physical_block_size = 4096",
     );
     let t = t.replace("@WORK@/data2.raw", "@SMALL@/data2.raw");
-    let template = write_template("ide.toml", &t);
-    let (rc, out) = disk_job(&template, "vmm/tests/rig/ide_guest.sh");
-    assert_eq!(rc, 0, "the rig job failed");
-    assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
-    assert!(out.contains(MARK_EXIT), "guest script did not finish");
+    let out = disk_job("ide.toml", &t, "vmm/tests/rig/ide_guest.sh");
 
     let root = value(&out, "ROOT ").unwrap();
     assert!(root.starts_with("ext4 sd"), "root on an IDE disk: {root}");

@@ -43,6 +43,11 @@ impl DiskOptions {
         self.aio = aio;
         self
     }
+
+    fn with_format(mut self, f: Format) -> Self {
+        self.format = Some(f);
+        self
+    }
 }
 
 /// Images made by qemu-img (compressed, preallocated, v2, a qcow2-over-qcow2 chain with a
@@ -288,12 +293,5 @@ fn our_writes_to_qemu_made_images_check_clean() {
                 &p("model.raw"),
             ],
         );
-    }
-}
-
-impl DiskOptions {
-    fn with_format(mut self, f: Format) -> Self {
-        self.format = Some(f);
-        self
     }
 }

@@ -266,6 +266,17 @@ mod tests {
     const L2_CACHE: u64 = 8 * CLUSTER;
     const OPS: usize = 3000;
 
+    /// A fresh image of DISK bytes with CLUSTER-sized clusters in `d`.
+    fn new_image(d: &TempDir) -> std::path::PathBuf {
+        let p = d.path().join("a.qcow2");
+        let opts = CreateOptions {
+            cluster_size: Some(CLUSTER),
+            ..Default::default()
+        };
+        create(&p, Format::Qcow2, DISK, &opts).unwrap();
+        p
+    }
+
     fn open_rw(p: &Path) -> Qcow2Driver {
         let f = OpenOptions::new().read(true).write(true).open(p).unwrap();
         let mut drv = Qcow2Driver::open(p, f, false, L2_CACHE, 1, 0).unwrap();
@@ -357,12 +368,7 @@ mod tests {
     fn evicting_a_table_writes_refcounts_first() {
         let Some(q) = qemu_img() else { return };
         let d = TempDir::new("wbevict");
-        let p = d.path().join("a.qcow2");
-        let opts = CreateOptions {
-            cluster_size: Some(CLUSTER),
-            ..Default::default()
-        };
-        create(&p, Format::Qcow2, DISK, &opts).unwrap();
+        let p = new_image(&d);
         let per_table = CLUSTER / 8 * CLUSTER;
         let tables = L2_CACHE / CLUSTER + 1;
         let mut drv = open_rw(&p);
@@ -394,12 +400,7 @@ mod tests {
     fn crash_between_flushes_leaks_at_most() {
         let q = qemu_img();
         let d = TempDir::new("wbcrash");
-        let p = d.path().join("a.qcow2");
-        let opts = CreateOptions {
-            cluster_size: Some(CLUSTER),
-            ..Default::default()
-        };
-        create(&p, Format::Qcow2, DISK, &opts).unwrap();
+        let p = new_image(&d);
         let mut model = vec![0u8; DISK as usize];
         for seed in 1..4 {
             let mut rng = Rng::new(seed);
