@@ -15,6 +15,9 @@
 #     ENGINES="threads native io_uring" CACHES="none writeback"
 #     WORKLOADS="rr4k-d1 rr4k-d32 rw4k-d1 rw4k-d32 sr1m sw1m"
 #     SCALE=1                          multiply request counts (runs are ~0.5-2 s at 1)
+#     REPEAT=3                         runs per tool and row, interleaved (qemu-img, platter,
+#                                      fio, qemu-img, ...); the table keeps each tool's best,
+#                                      since one run swings by up to 2x on a shared host
 #     PLATTER=target/release/platter   binary to test (built with cargo if missing)
 #
 # "Random" 4 KiB rows use qemu-img bench's stride pattern with a step of 7919 blocks (a prime,
@@ -32,6 +35,7 @@ ENGINES=${ENGINES:-"threads native io_uring"}
 CACHES=${CACHES:-"none writeback"}
 WORKLOADS=${WORKLOADS:-"rr4k-d1 rr4k-d32 rw4k-d1 rw4k-d32 sr1m sw1m"}
 SCALE=${SCALE:-1}
+REPEAT=${REPEAT:-3}
 PLATTER=${PLATTER:-target/release/platter}
 
 command -v qemu-img >/dev/null || { echo "qemu-img not found (apt-get install qemu-utils)" >&2; exit 1; }
@@ -108,9 +112,11 @@ run_fio() { # img bs depth count write seq cache aio -> ops/s
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.0f" % (j["read"]["iops"] + j["write"]["iops"]))'
 }
 
+best() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-") print b; else if (b == "-" || a + 0 >= b + 0) print a; else print b }'; }
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 
-echo "Host: $(uname -r), $(nproc) CPUs, $(qemu-img --version | head -1), $(fio --version); images in $DIR, $SIZE"
+echo "Host: $(uname -r), $(nproc) CPUs, $(qemu-img --version | head -1), $(fio --version); images in $DIR, $SIZE; best of $REPEAT runs each"
 echo
 echo "| format | workload | aio | cache | qemu-img ops/s | platter ops/s | platter/qemu | fio ops/s | platter/fio |"
 echo "|---|---|---|---|---:|---:|---:|---:|---:|"
@@ -122,19 +128,21 @@ for f in $FORMATS; do
         for aio in $ENGINES; do
             for cache in $CACHES; do
                 [ "$aio" = native ] && [ "$cache" != none ] && continue
-                img=$(image_for "$f")
-                [ "$cache" = writeback ] && [ "$write" = 0 ] && cat "$img" >/dev/null
-                q=$(run_bench qemu "$img" "$(fmt_of "$f")" "$bs" "$depth" "$count" "$write" "$step" "$cache" "$aio")
-                sync
-                [ "$f" = qcow2-sparse ] && img=$(image_for "$f")
-                p=$(run_bench platter "$img" "$(fmt_of "$f")" "$bs" "$depth" "$count" "$write" "$step" "$cache" "$aio")
-                sync
-                fi_ops="" pf=""
-                if [ "$f" = raw ]; then
-                    fi_ops=$(run_fio "$img" "$bs" "$depth" "$count" "$write" "$seq" "$cache" "$aio" || echo -)
-                    pf=$(ratio "$p" "$fi_ops")
+                q=- p=- fi_ops="" pf=""
+                for _ in $(seq "$REPEAT"); do
+                    img=$(image_for "$f")
+                    [ "$cache" = writeback ] && [ "$write" = 0 ] && cat "$img" >/dev/null
+                    q=$(best "$q" "$(run_bench qemu "$img" "$(fmt_of "$f")" "$bs" "$depth" "$count" "$write" "$step" "$cache" "$aio")")
                     sync
-                fi
+                    [ "$f" = qcow2-sparse ] && img=$(image_for "$f")
+                    p=$(best "$p" "$(run_bench platter "$img" "$(fmt_of "$f")" "$bs" "$depth" "$count" "$write" "$step" "$cache" "$aio")")
+                    sync
+                    if [ "$f" = raw ]; then
+                        fi_ops=$(best "${fi_ops:--}" "$(run_fio "$img" "$bs" "$depth" "$count" "$write" "$seq" "$cache" "$aio" || echo -)")
+                        pf=$(ratio "$p" "$fi_ops")
+                        sync
+                    fi
+                done
                 echo "| $f | $wl | $aio | $cache | $q | $p | $(ratio "$p" "$q") | $fi_ops | $pf |"
             done
         done

@@ -103,7 +103,11 @@ pub trait Engine: Send {
 /// Build the engine `opts.aio` names, signalling on `evt`.
 pub fn new_engine(opts: &DiskOptions, evt: EventFd) -> Result<Box<dyn Engine>, BlockError> {
     Ok(match opts.aio {
-        AioMode::Threads => Box::new(threads::ThreadsEngine::new(evt, opts.threads)?),
+        AioMode::Threads => Box::new(threads::ThreadsEngine::new(
+            evt,
+            opts.threads,
+            !opts.cache.direct(),
+        )?),
         AioMode::IoUring => Box::new(uring::UringEngine::new(evt, opts.uring_entries)?),
         AioMode::Native if !opts.cache.direct() => return Err(BlockError::NativeAioNeedsDirect),
         AioMode::Native => Box::new(native::NativeEngine::new(evt, opts.uring_entries)?),

@@ -126,7 +126,11 @@ impl NativeEngine {
         let user_ring = magic == AIO_RING_MAGIC
             && incompat == 0
             && hdr as usize == std::mem::size_of::<AioRing>();
-        let pool = ThreadsEngine::new(evt.try_clone().map_err(BlockError::EventFd)?, SYNC_THREADS)?;
+        let pool = ThreadsEngine::new(
+            evt.try_clone().map_err(BlockError::EventFd)?,
+            SYNC_THREADS,
+            false,
+        )?;
         Ok(NativeEngine {
             ctx,
             inflight: HashMap::new(),

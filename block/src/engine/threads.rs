@@ -4,6 +4,14 @@
 //! than idle workers starts another, up to the limit, so the pool grows to the queue depth the
 //! device actually uses (a fixed small pool capped 4 KiB O_DIRECT reads at depth 32 to 0.75x
 //! of qemu-img bench). Workers stay until the engine is dropped.
+//!
+//! With the host page cache (no O_DIRECT), a read is first tried on the submitting thread with
+//! RWF_NOWAIT: when its data is cached the kernel copies it at once and no worker is woken, the
+//! way io_uring serves cached reads inline. Handing a cached 4 KiB read to a worker and back
+//! cost 30-40 µs of wake-ups against 2 µs of copying (`scripts/bench-img.sh`, rr4k-d1
+//! writeback: 0.07x of fio psync). A read that would block, or comes back short, goes to a
+//! worker whole. Buffered writes stay on the workers: ext4 refuses RWF_NOWAIT for them, and a
+//! write can block in dirty-page throttling.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -11,7 +19,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{run_blocking, Engine, EngineCompletion, EngineOp};
+use super::{run_blocking, Engine, EngineCompletion, EngineOp, OpKind};
 use crate::options::AioMode;
 use crate::BlockError;
 
@@ -34,12 +42,23 @@ pub struct ThreadsEngine {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     max_threads: usize,
+    /// Try reads inline with RWF_NOWAIT (page-cache files only; cleared when the file
+    /// system refuses the flag).
+    inline_reads: bool,
+    /// Reads completed inline so far.
+    inline_done: u64,
 }
 
 impl ThreadsEngine {
     /// A pool of at most `max_threads` workers (at least one) that signal `evt` after each
-    /// completion. One worker starts at once, the others on demand.
-    pub fn new(evt: EventFd, max_threads: usize) -> Result<ThreadsEngine, BlockError> {
+    /// completion. One worker starts at once, the others on demand. `inline_reads` lets
+    /// cached reads complete on the submitting thread; it must be false when the files are
+    /// opened with O_DIRECT, where an RWF_NOWAIT read still waits for the device.
+    pub fn new(
+        evt: EventFd,
+        max_threads: usize,
+        inline_reads: bool,
+    ) -> Result<ThreadsEngine, BlockError> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
@@ -54,6 +73,8 @@ impl ThreadsEngine {
             shared,
             workers: Vec::new(),
             max_threads: max_threads.max(1),
+            inline_reads,
+            inline_done: 0,
         };
         engine.spawn()?;
         Ok(engine)
@@ -72,6 +93,56 @@ impl ThreadsEngine {
     /// Workers started so far.
     pub fn threads(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Reads that completed on the submitting thread.
+    pub fn inline_completions(&self) -> u64 {
+        self.inline_done
+    }
+
+    /// Complete `op` here if it is a read whose data is all in the page cache. Returns the
+    /// operation back when a worker has to do it.
+    fn try_inline(&mut self, op: EngineOp) -> Option<EngineOp> {
+        let OpKind::Read { offset, iovecs } = &op.kind else {
+            return Some(op);
+        };
+        let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: the iovecs point at memory valid for writes until completion (engine
+        // contract); `cnt` does not exceed the array length.
+        let ret = unsafe {
+            libc::preadv2(
+                op.fd,
+                iovecs.0.as_ptr(),
+                cnt,
+                *offset as i64,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if ret < 0 {
+            let err = std::io::Error::last_os_error();
+            if matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
+                self.inline_reads = false;
+            }
+            return Some(op);
+        }
+        if ret as usize != iovecs.total() {
+            // Partly cached, or the end of the file: the worker reads it all and reports
+            // exactly what a plain preadv would.
+            return Some(op);
+        }
+        self.inline_done += 1;
+        self.shared
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(EngineCompletion {
+                id: op.id,
+                result: Ok(ret as usize),
+            });
+        if let Err(e) = self.shared.evt.write(1) {
+            log::error!("block: cannot signal completion eventfd: {e}");
+        }
+        None
     }
 }
 
@@ -109,6 +180,14 @@ impl Engine for ThreadsEngine {
     }
 
     fn submit(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
+        let op = if self.inline_reads {
+            match self.try_inline(op) {
+                Some(op) => op,
+                None => return Ok(()),
+            }
+        } else {
+            op
+        };
         let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
         q.jobs.push_back(op);
         let grow = q.jobs.len() > q.idle && self.workers.len() < self.max_threads;
@@ -144,5 +223,134 @@ impl Drop for ThreadsEngine {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::IoVecs;
+    use crate::testutil::TempDir;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    fn read_op(fd: i32, id: u64, offset: u64, buf: &mut [u8]) -> EngineOp {
+        EngineOp {
+            id,
+            fd,
+            kind: OpKind::Read {
+                offset,
+                iovecs: IoVecs(vec![libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                }]),
+            },
+        }
+    }
+
+    /// Wait (up to 5 s) for the next completion.
+    fn next(e: &mut ThreadsEngine) -> EngineCompletion {
+        for _ in 0..5000 {
+            if let Some(c) = e.pop_completion() {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("no completion within 5 s");
+    }
+
+    fn file_with(dir: &TempDir, len: usize) -> (std::fs::File, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (f, data)
+    }
+
+    /// A read of cached data completes before `submit` returns; the data is the file's.
+    #[test]
+    fn cached_reads_complete_inline() {
+        let dir = TempDir::new("threads-inline");
+        let (f, data) = file_with(&dir, 64 << 10);
+        let mut e = ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 4, true).unwrap();
+        let mut buf = vec![0u8; 8192];
+        e.submit(read_op(f.as_raw_fd(), 7, 4096, &mut buf))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(e.inline_completions(), 1);
+        let c = e.pop_completion().expect("completed inline");
+        assert_eq!((c.id, c.result.unwrap()), (7, 8192));
+        assert_eq!(buf, data[4096..12288]);
+    }
+
+    /// Reads that the page cache cannot serve whole (past the end of the file, or evicted)
+    /// go to a worker and give exactly what a plain preadv gives.
+    #[test]
+    fn short_and_uncached_reads_go_to_a_worker() {
+        let dir = TempDir::new("threads-worker");
+        let (f, data) = file_with(&dir, 64 << 10);
+        let mut e = ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 4, true).unwrap();
+        let mut tail = vec![0u8; 8192];
+        e.submit(read_op(f.as_raw_fd(), 1, (64 << 10) - 4096, &mut tail))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(next(&mut e).result.unwrap(), 4096);
+        assert_eq!(tail[..4096], data[(64 << 10) - 4096..]);
+
+        f.sync_all().unwrap();
+        // SAFETY: plain syscall on an open descriptor.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        let mut buf = vec![0u8; 4096];
+        e.submit(read_op(f.as_raw_fd(), 2, 32 << 10, &mut buf))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(next(&mut e).result.unwrap(), 4096);
+        assert_eq!(buf, data[32 << 10..(32 << 10) + 4096]);
+        assert_eq!(e.inline_completions(), 0);
+    }
+
+    /// Without inline reads (O_DIRECT files) and for writes, every operation goes to a worker.
+    #[test]
+    fn writes_and_direct_engines_never_run_inline() {
+        let dir = TempDir::new("threads-direct");
+        let (f, data) = file_with(&dir, 16 << 10);
+        let mut direct =
+            ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 2, false).unwrap();
+        let mut buf = vec![0u8; 4096];
+        direct
+            .submit(read_op(f.as_raw_fd(), 1, 0, &mut buf))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(next(&mut direct).result.unwrap(), 4096);
+        assert_eq!(buf, data[..4096]);
+        assert_eq!(direct.inline_completions(), 0);
+
+        let mut cached =
+            ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 2, true).unwrap();
+        let src = vec![0xa5u8; 4096];
+        let write = EngineOp {
+            id: 3,
+            fd: f.as_raw_fd(),
+            kind: OpKind::Write {
+                offset: 0,
+                iovecs: IoVecs(vec![libc::iovec {
+                    iov_base: src.as_ptr() as *mut libc::c_void,
+                    iov_len: src.len(),
+                }]),
+                dsync: false,
+            },
+        };
+        cached.submit(write).map_err(|(e, _)| e).unwrap();
+        assert_eq!(next(&mut cached).result.unwrap(), 4096);
+        assert_eq!(cached.inline_completions(), 0);
+        assert_eq!(
+            std::fs::read(dir.path().join("f")).unwrap()[..4096],
+            src[..]
+        );
     }
 }

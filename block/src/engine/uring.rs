@@ -28,7 +28,16 @@ pub struct UringEngine {
 impl UringEngine {
     /// Set up a ring of `entries` submission slots that signals `evt`.
     pub fn new(evt: EventFd, entries: u32) -> Result<UringEngine, BlockError> {
-        let ring = IoUring::new(entries.max(8)).map_err(BlockError::IoUringSetup)?;
+        let entries = entries.max(8);
+        // COOP_TASKRUN: completions of work the kernel punted to its workers (buffered writes
+        // on ext4, for one) reach this thread when it next enters the kernel or sleeps, instead
+        // of by an IPI per completion; the IPIs cost a quarter of the CPU time of 4 KiB
+        // writeback writes at depth 32 (perf, 6.18). Kernels before 5.19 refuse the flag.
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))
+            .map_err(BlockError::IoUringSetup)?;
         ring.submitter()
             .register_eventfd(evt.as_raw_fd())
             .map_err(BlockError::IoUringSetup)?;
