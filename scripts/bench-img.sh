@@ -12,6 +12,9 @@
 #                                      so both tools also read images QEMU made);
 #                                      qcow2-sparse: no preallocation, recreated before every
 #                                      write run so writes allocate (write rows only)
+#                                      qcow2-frag: filled by 64 KiB writes in stride order, so
+#                                      neighbouring guest clusters lie far apart in the file
+#                                      (an image written randomly, as guests do)
 #     ENGINES="threads native io_uring" CACHES="none writeback"
 #     WORKLOADS="rr4k-d1 rr4k-d32 rw4k-d1 rw4k-d32 sr1m sw1m"
 #     SCALE=1                          multiply request counts (runs are ~0.5-2 s at 1)
@@ -58,6 +61,11 @@ image_for() { # format -> path (creating it if needed)
         qcow2) [ -e "$p" ] || qemu-img create -q -f qcow2 -o preallocation=full "$p" "$SIZE" ;;
         qcow2-meta) [ -e "$p" ] || "$PLATTER" img create -f qcow2 -o preallocation=metadata "$p" "$SIZE" >/dev/null ;;
         qcow2-sparse) rm -f "$p"; qemu-img create -q -f qcow2 "$p" "$SIZE" ;;
+        qcow2-frag) [ -e "$p" ] || {
+            qemu-img create -q -f qcow2 "$p" "$SIZE"
+            local clusters=$(( $(qemu-img info --output=json "$p" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])') / 65536 ))
+            qemu-img bench -q -w -f qcow2 -t none -d 32 -s 64k -S $((65536 * 7919)) -c "$clusters" "$p" >/dev/null
+        } ;;
     esac
     echo "$p"
 }

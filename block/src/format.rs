@@ -1,15 +1,47 @@
 //! The format seam: what a disk image looks like to the request pipeline.
 //!
 //! A driver tells the pipeline the guest-visible geometry and maps guest ranges to host
-//! ranges ([`FormatDriver::map`]): a mapped range goes to the engine at its host offset.
-//! Ranges that do not map to one contiguous, writable host range (qcow2 holes, zero,
-//! compressed and backing-file clusters, allocating writes) take the driver's synchronous
-//! path; raw maps everything (guest offset `x` is host offset `x`).
+//! extents ([`FormatDriver::map_extents`]): each mapped extent goes to the engine at its host
+//! offset, a range that maps to several (a qcow2 image whose clusters were allocated out of
+//! order) as several engine operations. Ranges with a piece the engine cannot serve
+//! (compressed and backing-file clusters, copy-on-write) take the driver's synchronous path;
+//! raw maps everything (guest offset `x` is host offset `x`).
 
 use std::io;
 use std::os::fd::RawFd;
 
 use crate::options::Format;
+
+/// Where one piece of a guest range lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes at host offset `host` of the data file.
+    Host {
+        /// Host file offset.
+        host: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `len` bytes that read as zeroes without touching the file (only in read mappings).
+    Zero {
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+impl Extent {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match *self {
+            Extent::Host { len, .. } | Extent::Zero { len } => len,
+        }
+    }
+
+    /// Whether the extent has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// A disk image format as seen by [`crate::Disk`].
 pub trait FormatDriver: Send {
@@ -29,10 +61,24 @@ pub trait FormatDriver: Send {
     fn falloc_passthrough(&self) -> bool {
         false
     }
+    /// The extents of guest `[offset, offset+len)` in guest order, neighbours merged, when
+    /// the engine may read all of it (or, with `write`, overwrite all of it in place; write
+    /// mappings hold only [`Extent::Host`]); `None` sends the request to the synchronous
+    /// path.
+    fn map_extents(
+        &mut self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> io::Result<Option<Vec<Extent>>>;
     /// Host offset of guest `offset` when `[offset, offset+len)` is one contiguous host range
-    /// the engine may read (or, with `write`, overwrite in place); `None` sends the request to
-    /// the synchronous path.
-    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Option<u64>>;
+    /// the engine may read (or, with `write`, overwrite in place).
+    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Option<u64>> {
+        Ok(match self.map_extents(offset, len, write)?.as_deref() {
+            Some([Extent::Host { host, .. }]) => Some(*host),
+            _ => None,
+        })
+    }
     /// Synchronous read of guest bytes.
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Synchronous write of guest bytes (allocating as needed).

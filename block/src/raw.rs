@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 
-use crate::format::FormatDriver;
+use crate::format::{Extent, FormatDriver};
 use crate::options::Format;
 
 // <linux/fs.h>: _IO(0x12, 104), _IO(0x12, 123), _IOR(0x12, 114, size_t)
@@ -97,8 +97,13 @@ impl FormatDriver for RawDriver {
     fn falloc_passthrough(&self) -> bool {
         true
     }
-    fn map(&mut self, offset: u64, _len: u64, _write: bool) -> io::Result<Option<u64>> {
-        Ok(Some(offset))
+    fn map_extents(
+        &mut self,
+        offset: u64,
+        len: u64,
+        _write: bool,
+    ) -> io::Result<Option<Vec<Extent>>> {
+        Ok(Some(vec![Extent::Host { host: offset, len }]))
     }
     // The pipeline never takes the synchronous path for raw (everything maps); these serve
     // callers that want plain blocking I/O.

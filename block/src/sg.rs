@@ -167,6 +167,26 @@ impl SgList {
         self.copy_from(at, &zeros);
     }
 
+    /// Zero `len` bytes of the list from byte `at`.
+    pub(crate) fn zero_range(&self, at: usize, len: usize) {
+        let zeros = vec![0u8; len.min(self.len.saturating_sub(at))];
+        self.copy_from(at, &zeros);
+    }
+
+    /// The segments covering bytes `skip..skip + len` of the list.
+    pub(crate) fn iovecs_range(&self, skip: usize, mut len: usize) -> Vec<IoVec> {
+        let mut out = self.iovecs_after(skip);
+        out.retain_mut(|v| {
+            if len == 0 {
+                return false;
+            }
+            v.len = v.len.min(len);
+            len -= v.len;
+            true
+        });
+        out
+    }
+
     /// The segments after the first `skip` bytes.
     pub(crate) fn iovecs_after(&self, mut skip: usize) -> Vec<IoVec> {
         let mut out = Vec::new();

@@ -12,8 +12,11 @@ impl Disk {
             FinishXfer,
             RmwWrite,
             SyncThen(usize),
+            FinishSplit,
         }
         let EngineCompletion { id, result } = c;
+        let part = (id >> PART_SHIFT) as usize;
+        let id = id & ID_MASK;
         let Some(entry) = self.inflight.get_mut(&id) else {
             return;
         };
@@ -59,6 +62,27 @@ impl Disk {
                     }
                 }
             },
+            State::Split {
+                parts,
+                pending,
+                short,
+                err,
+                ..
+            } => {
+                *pending -= 1;
+                match result {
+                    Err(e) => {
+                        err.get_or_insert(BlockError::Io(e));
+                    }
+                    Ok(n) if Some(n) != parts.get(part).map(|p| p.len) => *short = true,
+                    Ok(_) => {}
+                }
+                if *pending > 0 {
+                    Action::Wait
+                } else {
+                    Action::FinishSplit
+                }
+            }
             State::RmwRead { pending, err, .. } => {
                 *pending -= 1;
                 if let Err(e) = result {
@@ -100,6 +124,7 @@ impl Disk {
                 self.send(id, kind);
             }
             Action::FinishXfer => self.finish_xfer(id),
+            Action::FinishSplit => self.finish_split(id),
             Action::SyncThen(len) => {
                 self.set_state(id, State::Sync { result: len });
                 self.send(id, OpKind::Fdatasync);
@@ -131,6 +156,29 @@ impl Disk {
                     Some(sg),
                 );
             }
+        }
+    }
+
+    fn finish_split(&mut self, id: u64) {
+        let Some(e) = self.inflight.get_mut(&id) else {
+            return;
+        };
+        let State::Split {
+            write,
+            sg,
+            offset,
+            short,
+            err,
+            ..
+        } = std::mem::replace(&mut e.state, State::Sync { result: 0 })
+        else {
+            return;
+        };
+        match (err, short) {
+            (Some(e), _) => self.complete(id, Err(e)),
+            (None, true) if write => self.write_sync(id, offset, sg),
+            (None, true) => self.read_sync(id, offset, sg),
+            (None, false) => self.complete(id, Ok(sg.len())),
         }
     }
 

@@ -101,6 +101,8 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         done: VecDeque::new(),
         throttle,
         stats: Arc::default(),
+        #[cfg(test)]
+        sync_path: 0,
     };
     disk.driver.set_volatile_writes(!disk.dsync());
     Ok(disk)

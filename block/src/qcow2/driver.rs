@@ -9,13 +9,14 @@
 //!  compressed: bits 0..x-1 host byte offset, x..61 (512-byte sectors - 1), x = 62 - (cluster_bits - 8)
 //! ```
 //!
-//! Requests whose range maps to one contiguous run of allocated, exclusively owned (COPIED)
-//! data clusters go to the engine at their host offset ([`FormatDriver::map`]); so do writes
-//! that allocate clusters which read as zeroes (no backing file) while the guest's write
-//! cache is on: `map` allocates a zeroed cluster and the engine writes into it. Everything
-//! else runs synchronously here: reads of holes, zero clusters, backing data and compressed
-//! clusters, other allocating writes (copy-on-write of the rest of the cluster), discard and
-//! write-zeroes. Metadata (L2 tables, refcount blocks, L1 entries) is
+//! Requests over allocated data clusters (exclusively owned, COPIED, for writes) go to the
+//! engine at their host offsets ([`FormatDriver::map_extents`]), one engine operation per
+//! run of host-contiguous clusters; reads of holes and zero clusters (no backing file) are
+//! zero extents the pipeline fills itself; writes that allocate clusters which read as
+//! zeroes (no backing file) while the guest's write cache is on go to the engine too: the
+//! mapping allocates a zeroed cluster and the engine writes into it. Everything else runs
+//! synchronously here: reads of backing data and compressed clusters, other allocating
+//! writes (copy-on-write of the rest of the cluster), discard and write-zeroes. Metadata (L2 tables, refcount blocks, L1 entries) is
 //! cached and written back at flush points or on eviction, ordered so that a crash leaks
 //! clusters at worst and never leaves a reference to an unowned one (`writeback.rs`); no lazy
 //! refcounts, so the dirty bit is never set by us.
@@ -37,7 +38,7 @@ use super::{
     resolve_backing, Qcow2Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2,
 };
-use crate::format::FormatDriver;
+use crate::format::{Extent, FormatDriver};
 use crate::options::Format;
 use crate::raw::DEFAULT_LOGICAL_BLOCK_SIZE;
 use crate::BlockError;
@@ -67,6 +68,10 @@ const MIN_RC_CACHE_BLOCKS: u64 = 4;
 /// The file grows ahead of allocation in steps this large: `ftruncate` waits for all direct
 /// I/O in flight, so growing by one cluster per allocation stalled the pipeline.
 const FILE_GROW_STEP: u64 = 2 << 20;
+
+/// Most engine operations one request becomes; a request over more scattered clusters than
+/// this takes the synchronous path instead.
+const MAX_EXTENTS: usize = 1024;
 
 /// What one guest cluster is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -618,14 +623,22 @@ impl FormatDriver for Qcow2Driver {
         true
     }
 
-    fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Option<u64>> {
+    fn map_extents(
+        &mut self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> io::Result<Option<Vec<Extent>>> {
         if len == 0 || (write && self.readonly) {
             return Ok(None);
         }
-        let mut first = None;
-        for (at, _) in self.pieces(offset, len).collect::<Vec<_>>() {
-            let host = match self.lookup(at)? {
-                Cluster::Data { host, copied } if copied || !write => host,
+        let mut out: Vec<Extent> = Vec::new();
+        for (at, n) in self.pieces(offset, len).collect::<Vec<_>>() {
+            let ext = match self.lookup(at)? {
+                Cluster::Data { host, copied } if copied || !write => Extent::Host {
+                    host: host + at % self.cluster,
+                    len: n,
+                },
                 // A cluster that reads as zeroes and owns no host cluster: allocate a zeroed
                 // one and let the engine write into it (see `writeback.rs`, rule 4).
                 Cluster::Unallocated | Cluster::Zero { host: None, .. }
@@ -633,18 +646,28 @@ impl FormatDriver for Qcow2Driver {
                 {
                     let host = self.alloc_cluster()?;
                     self.set_l2(at, host | COPIED)?;
-                    host
+                    Extent::Host {
+                        host: host + at % self.cluster,
+                        len: n,
+                    }
                 }
+                Cluster::Zero { .. } if !write => Extent::Zero { len: n },
+                Cluster::Unallocated if !write && self.backing.is_none() => Extent::Zero { len: n },
                 _ => return Ok(None),
             };
-            let h = host + at % self.cluster;
-            match first {
-                None => first = Some((at, h)),
-                Some((g0, h0)) if h0 + (at - g0) == h => {}
-                Some(_) => return Ok(None),
+            let full = out.len() == MAX_EXTENTS;
+            match (out.last_mut(), ext) {
+                (Some(Extent::Host { host: h0, len: l0 }), Extent::Host { host, len })
+                    if *h0 + *l0 == host =>
+                {
+                    *l0 += len
+                }
+                (Some(Extent::Zero { len: l0 }), Extent::Zero { len }) => *l0 += len,
+                _ if full => return Ok(None),
+                _ => out.push(ext),
             }
         }
-        Ok(first.map(|(_, h)| h))
+        Ok(Some(out))
     }
 
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
