@@ -5,7 +5,7 @@
 # Usage: scripts/bench-img.sh            (everything; several minutes)
 #   Environment knobs (space-separated lists):
 #     DIR=/tmp SIZE=1G                 where and how large the images are
-#     FORMATS="raw qcow2 qcow2-meta qcow2-sparse"
+#     FORMATS="raw qcow2 qcow2-meta qcow2-sparse qcow2-frag"
 #                                      raw: preallocation=full; qcow2: preallocation=full
 #                                      (allocated); qcow2-meta: preallocation=metadata
 #                                      (made by `platter img create`; the others by qemu-img,
@@ -33,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${DIR:-/tmp}
 SIZE=${SIZE:-1G}
-FORMATS=${FORMATS:-"raw qcow2 qcow2-meta qcow2-sparse"}
+FORMATS=${FORMATS:-"raw qcow2 qcow2-meta qcow2-sparse qcow2-frag"}
 ENGINES=${ENGINES:-"threads native io_uring"}
 CACHES=${CACHES:-"none writeback"}
 WORKLOADS=${WORKLOADS:-"rr4k-d1 rr4k-d32 rw4k-d1 rw4k-d32 sr1m sw1m"}
