@@ -775,17 +775,34 @@ impl Disk {
                 err: None,
             },
         );
-        for (at, iovecs) in reads.into_iter().zip(iovecs) {
-            if !self.send(
+        let wanted = reads.len() as u32;
+        let fd = self.fd();
+        for (sent, (at, iovecs)) in (0u32..).zip(reads.into_iter().zip(iovecs)) {
+            let op = EngineOp {
                 id,
-                OpKind::Read {
+                fd,
+                kind: OpKind::Read {
                     offset: host_off + at,
                     iovecs,
                 },
-            ) {
-                // Completed with the error; a read already in flight finds no entry later.
-                return;
+            };
+            let Err((e, _)) = self.engine.submit(op) else {
+                continue;
+            };
+            if sent == 0 {
+                return self.complete(id, Err(e));
             }
+            // The read already sent fills the bounce buffer: the request must stay (and
+            // keep the buffer) until it completes, then fails with this error.
+            if let Some(InFlight {
+                state: State::RmwRead { pending, err, .. },
+                ..
+            }) = self.inflight.get_mut(&id)
+            {
+                *pending -= wanted - sent;
+                err.get_or_insert(io::Error::other(e.to_string()));
+            }
+            return;
         }
     }
 

@@ -1,8 +1,10 @@
 //! The guest side: a busybox shell script, handed to the rig's L2 init
 //! (`guests/l2-init`) as base64 in `rig.cmd=`, that finds each disk by its
-//! serial, writes the measured region once (so qcow2 clusters are allocated
-//! and both VMMs read real data), runs the fio jobs and prints one line per
-//! job:
+//! serial, writes the measured region once and fsyncs it (so raw blocks and
+//! qcow2 clusters are allocated and both VMMs read real data; busybox dd has
+//! no O_DIRECT, and without the fsync the 64 MiB sat dirty in the guest's page
+//! cache and went out during the first measured jobs), runs the fio jobs and
+//! prints one line per job:
 //!
 //! ```text
 //! CMPGO <serial> <job>                        just before each job
@@ -35,7 +37,7 @@ s=$(cat $b/serial $b/device/serial 2>/dev/null||tail -c+5 $b/device/vpd_pg80 2>/
 const BODY: &str = "r=0;for x in $D;do s=${x%:*};v=$(d $s)
 [ -n \"$v\" ]||{ echo CMPFAIL $s disk 1;r=1;continue;}
 f(){ echo CMPFAIL $s $1 $2;tail -5 /tmp/e /tmp/o;r=1;}
-[ ${x#*:} = rw ]&&{ dd if=/dev/zero of=/dev/$v bs=1M count=$M oflag=direct 2>/tmp/e||f fill $?;}
+[ ${x#*:} = rw ]&&{ dd if=/dev/zero of=/dev/$v bs=1M count=$M conv=fsync 2>/tmp/e||f fill $?;}
 for j in $J;do case $j in *write*)[ ${x#*:} = rw ]||continue;;esac
 set -- $(echo $j|tr - ' ')
 echo CMPGO $s $j;fio --name=$j --filename=/dev/$v --rw=$1 --bs=$2 --iodepth=${3#qd} \
