@@ -5,7 +5,7 @@
 # Usage: scripts/bench-img.sh            (everything; several minutes)
 #   Environment knobs (space-separated lists):
 #     DIR=/tmp SIZE=1G                 where and how large the images are
-#     FORMATS="raw qcow2 qcow2-meta qcow2-sparse qcow2-frag"
+#     FORMATS="raw qcow2 qcow2-meta qcow2-sparse qcow2-frag qcow2-overlay"
 #                                      raw: preallocation=full; qcow2: preallocation=full
 #                                      (allocated); qcow2-meta: preallocation=metadata
 #                                      (made by `platter img create`; the others by qemu-img,
@@ -15,6 +15,9 @@
 #                                      qcow2-frag: filled by 64 KiB writes in stride order, so
 #                                      neighbouring guest clusters lie far apart in the file
 #                                      (an image written randomly, as guests do)
+#                                      qcow2-overlay: an empty qcow2 over the raw image, so
+#                                      reads come from the backing file (writes allocate
+#                                      with copy-on-write; reused across write rows)
 #     ENGINES="threads native io_uring" CACHES="none writeback"
 #     WORKLOADS="rr4k-d1 rr4k-d32 rw4k-d1 rw4k-d32 sr1m sw1m"
 #     SCALE=1                          multiply request counts (runs are ~0.5-2 s at 1)
@@ -33,7 +36,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${DIR:-/tmp}
 SIZE=${SIZE:-1G}
-FORMATS=${FORMATS:-"raw qcow2 qcow2-meta qcow2-sparse qcow2-frag"}
+FORMATS=${FORMATS:-"raw qcow2 qcow2-meta qcow2-sparse qcow2-frag qcow2-overlay"}
 ENGINES=${ENGINES:-"threads native io_uring"}
 CACHES=${CACHES:-"none writeback"}
 WORKLOADS=${WORKLOADS:-"rr4k-d1 rr4k-d32 rw4k-d1 rw4k-d32 sr1m sw1m"}
@@ -61,6 +64,10 @@ image_for() { # format -> path (creating it if needed)
         qcow2) [ -e "$p" ] || qemu-img create -q -f qcow2 -o preallocation=full "$p" "$SIZE" ;;
         qcow2-meta) [ -e "$p" ] || "$PLATTER" img create -f qcow2 -o preallocation=metadata "$p" "$SIZE" >/dev/null ;;
         qcow2-sparse) rm -f "$p"; qemu-img create -q -f qcow2 "$p" "$SIZE" ;;
+        qcow2-overlay) [ -e "$p" ] || {
+            local base; base=$(image_for raw)
+            qemu-img create -q -f qcow2 -b "$base" -F raw "$p" "$SIZE"
+        } ;;
         qcow2-frag) [ -e "$p" ] || {
             qemu-img create -q -f qcow2 "$p" "$SIZE"
             local clusters=$(( $(qemu-img info --output=json "$p" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])') / 65536 ))

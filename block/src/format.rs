@@ -3,8 +3,9 @@
 //! A driver tells the pipeline the guest-visible geometry and maps guest ranges to host
 //! extents ([`FormatDriver::map_extents`]): each mapped extent goes to the engine at its host
 //! offset, a range that maps to several (a qcow2 image whose clusters were allocated out of
-//! order) as several engine operations. Ranges with a piece the engine cannot serve
-//! (compressed and backing-file clusters, copy-on-write) take the driver's synchronous path;
+//! order, or that reads partly from its backing file) as several engine operations. Ranges
+//! with a piece the engine cannot serve (compressed clusters, copy-on-write) take the
+//! driver's synchronous path;
 //! raw maps everything (guest offset `x` is host offset `x`).
 
 use std::io;
@@ -15,8 +16,11 @@ use crate::options::Format;
 /// Where one piece of a guest range lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
-    /// `len` bytes at host offset `host` of the data file.
+    /// `len` bytes at offset `host` of the file `fd`: the image's data file, or a file of
+    /// its backing chain (read mappings only).
     Host {
+        /// The file, open for as long as the driver is.
+        fd: RawFd,
         /// Host file offset.
         host: u64,
         /// Length in bytes.
@@ -71,11 +75,11 @@ pub trait FormatDriver: Send {
         len: u64,
         write: bool,
     ) -> io::Result<Option<Vec<Extent>>>;
-    /// Host offset of guest `offset` when `[offset, offset+len)` is one contiguous host range
-    /// the engine may read (or, with `write`, overwrite in place).
+    /// Host offset of guest `offset` when `[offset, offset+len)` is one contiguous range of
+    /// the data file the engine may read (or, with `write`, overwrite in place).
     fn map(&mut self, offset: u64, len: u64, write: bool) -> io::Result<Option<u64>> {
         Ok(match self.map_extents(offset, len, write)?.as_deref() {
-            Some([Extent::Host { host, .. }]) => Some(*host),
+            Some([Extent::Host { fd, host, .. }]) if *fd == self.data_fd() => Some(*host),
             _ => None,
         })
     }

@@ -103,7 +103,11 @@ impl FormatDriver for RawDriver {
         len: u64,
         _write: bool,
     ) -> io::Result<Option<Vec<Extent>>> {
-        Ok(Some(vec![Extent::Host { host: offset, len }]))
+        Ok(Some(vec![Extent::Host {
+            fd: self.file.as_raw_fd(),
+            host: offset,
+            len,
+        }]))
     }
     // The pipeline never takes the synchronous path for raw (everything maps); these serve
     // callers that want plain blocking I/O.

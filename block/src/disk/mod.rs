@@ -95,6 +95,7 @@ enum Then {
 
 /// One engine operation of a request split over several host extents.
 struct Part {
+    fd: RawFd,
     host: u64,
     /// Where in the request's buffer the part starts.
     skip: usize,
@@ -511,7 +512,7 @@ impl Disk {
                     && buf.is_aligned(self.mem_align, a as usize);
                 let base = match self.driver.map_extents(start, end - start, false) {
                     Ok(Some(x)) => match x.as_slice() {
-                        [Extent::Host { host, .. }] => *host,
+                        [Extent::Host { fd, host, .. }] if *fd == self.fd() => *host,
                         _ if aligned => return self.begin_split(id, false, offset, buf, x),
                         _ => return self.read_sync(id, offset, buf),
                     },
@@ -556,7 +557,7 @@ impl Disk {
                     && buf.is_aligned(self.mem_align, a as usize);
                 let base = match self.driver.map_extents(start, end - start, true) {
                     Ok(Some(x)) => match x.as_slice() {
-                        [Extent::Host { host, .. }] => *host,
+                        [Extent::Host { fd, host, .. }] if *fd == self.fd() => *host,
                         _ if aligned => return self.begin_split(id, true, offset, buf, x),
                         _ => return self.write_sync(id, offset, buf),
                     },
@@ -674,9 +675,9 @@ impl Disk {
         self.begin_xfer(id, true, buf, host_off, len, Then::Complete(len), keep);
     }
 
-    /// An aligned request over several extents: one engine operation per host extent, in
-    /// flight together (QEMU splits qcow2 requests the same way); zero extents of a read are
-    /// filled here. Used to run whole on the synchronous path, which made every large read
+    /// An aligned request over several extents, or over one in a backing file: one engine
+    /// operation per host extent, in flight together (QEMU splits qcow2 requests the same
+    /// way); zero extents of a read are filled here. Used to run whole on the synchronous path, which made every large read
     /// of a qcow2 image written out of order block the device thread.
     fn begin_split(&mut self, id: u64, write: bool, offset: u64, sg: SgList, x: Vec<Extent>) {
         let mut parts = Vec::with_capacity(x.len());
@@ -684,7 +685,12 @@ impl Disk {
         for e in &x {
             let len = e.len() as usize;
             match *e {
-                Extent::Host { host, .. } => parts.push(Part { host, skip, len }),
+                Extent::Host { fd, host, .. } => parts.push(Part {
+                    fd,
+                    host,
+                    skip,
+                    len,
+                }),
                 Extent::Zero { .. } if !write => sg.zero_range(skip, len),
                 Extent::Zero { .. } => {
                     log::error!("a write mapping holds a zero extent");
@@ -695,7 +701,6 @@ impl Disk {
         }
         let total = sg.len();
         let dsync = write && self.dsync();
-        let fd = self.fd();
         let mut pending = 0;
         let mut err = None;
         for (i, p) in parts.iter().enumerate() {
@@ -719,7 +724,7 @@ impl Disk {
             };
             let op = EngineOp {
                 id: id | (i as u64) << PART_SHIFT,
-                fd,
+                fd: p.fd,
                 kind,
             };
             if let Err((e, _)) = self.engine.submit(op) {

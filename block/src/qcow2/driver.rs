@@ -49,7 +49,7 @@ mod refcount;
 mod writeback;
 
 use cache::MetaCache;
-use host::{pread_zero_tail, punch, HostFile};
+use host::{punch, HostFile};
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
@@ -90,10 +90,57 @@ enum Cluster {
 trait Backing: Send {
     fn size(&self) -> u64;
     fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Where `[off, off+len)` of the backing image lives, for the engine to read it (past
+    /// the backing image's end it reads as zeroes); `None` when part of it needs
+    /// `read_at`.
+    fn map_read(&mut self, off: u64, len: u64) -> io::Result<Option<Vec<Extent>>>;
+}
+
+/// `len` bytes from `off` of an image of `size` bytes: the part inside it, mapped by `inside`,
+/// then zeroes.
+fn clamp_to_size(
+    off: u64,
+    len: u64,
+    size: u64,
+    inside: impl FnOnce(u64) -> io::Result<Option<Vec<Extent>>>,
+) -> io::Result<Option<Vec<Extent>>> {
+    let avail = size.saturating_sub(off).min(len);
+    let mut out = if avail > 0 {
+        match inside(avail)? {
+            Some(x) => x,
+            None => return Ok(None),
+        }
+    } else {
+        Vec::new()
+    };
+    if avail < len {
+        out.push(Extent::Zero { len: len - avail });
+    }
+    Ok(Some(out))
+}
+
+/// Append `e` to `out`, merged into the last extent when it continues it; false when `out`
+/// already holds [`MAX_EXTENTS`] and `e` would be a new one.
+fn push_extent(out: &mut Vec<Extent>, e: Extent) -> bool {
+    let full = out.len() == MAX_EXTENTS;
+    match (out.last_mut(), e) {
+        (
+            Some(Extent::Host {
+                fd: f0,
+                host: h0,
+                len: l0,
+            }),
+            Extent::Host { fd, host, len },
+        ) if *f0 == fd && *h0 + *l0 == host => *l0 += len,
+        (Some(Extent::Zero { len: l0 }), Extent::Zero { len }) => *l0 += len,
+        _ if full => return false,
+        _ => out.push(e),
+    }
+    true
 }
 
 struct RawBacking {
-    file: File,
+    file: HostFile,
     size: u64,
 }
 
@@ -102,7 +149,17 @@ impl Backing for RawBacking {
         self.size
     }
     fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        pread_zero_tail(&self.file, off, buf)
+        self.file.read_at(off, buf)
+    }
+    fn map_read(&mut self, off: u64, len: u64) -> io::Result<Option<Vec<Extent>>> {
+        let fd = self.file.as_raw_fd();
+        clamp_to_size(off, len, self.size, |n| {
+            Ok(Some(vec![Extent::Host {
+                fd,
+                host: off,
+                len: n,
+            }]))
+        })
     }
 }
 
@@ -112,6 +169,10 @@ impl Backing for Qcow2Driver {
     }
     fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         self.read_sync(off, buf)
+    }
+    fn map_read(&mut self, off: u64, len: u64) -> io::Result<Option<Vec<Extent>>> {
+        let size = self.header.size;
+        clamp_to_size(off, len, size, |n| self.map_extents(off, n, false))
     }
 }
 
@@ -238,6 +299,7 @@ impl Qcow2Driver {
                 name,
                 header.backing_format.as_deref(),
                 depth,
+                (meta.align > 1).then(|| crate::raw::direct_io_alignment(&data)),
             )?),
         };
         let mut d = Qcow2Driver {
@@ -555,11 +617,17 @@ impl Qcow2Driver {
     }
 }
 
+/// Open the backing file `name` of `image`. `direct` is the O_DIRECT alignment (offset,
+/// memory) of the image above when it uses O_DIRECT: the backing file then does too, as QEMU
+/// applies a cache mode to the whole chain (cache=none must not fill the host page cache
+/// from the base image either), unless its file system refuses O_DIRECT or needs coarser
+/// alignment than the requests the pipeline lets through; then it is read buffered.
 fn open_backing(
     image: &Path,
     name: &str,
     fmt: Option<&str>,
     depth: usize,
+    direct: Option<(usize, usize)>,
 ) -> Result<Box<dyn Backing>, BlockError> {
     let path = resolve_backing(image, name);
     if depth + 1 >= crate::img::MAX_BACKING_CHAIN {
@@ -577,10 +645,27 @@ fn open_backing(
             })?,
         None => crate::img::probe_format(&path)?,
     };
-    let file = File::open(&path).map_err(|source| BlockError::Open {
+    let open_err = |source| BlockError::Open {
         path: path.clone(),
         source,
-    })?;
+    };
+    let direct_file = direct.and_then(|(offset, mem)| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+            .open(&path)
+            .ok()?;
+        let (o, m) = crate::raw::direct_io_alignment(&f);
+        // A qcow2 base with clusters smaller than the alignment cannot be read direct.
+        let small_clusters = format == Format::Qcow2
+            && Qcow2Header::read_path(&path).is_ok_and(|h| h.cluster_size() < offset as u64);
+        (o <= offset && m <= mem && !small_clusters).then_some((f, offset))
+    });
+    let (file, align) = match direct_file {
+        Some(f) => f,
+        None => (File::open(&path).map_err(open_err)?, 1),
+    };
     Ok(match format {
         Format::Raw => {
             let size = file
@@ -590,14 +675,20 @@ fn open_backing(
                     source,
                 })?
                 .len();
-            Box::new(RawBacking { file, size })
+            Box::new(RawBacking {
+                file: HostFile {
+                    file,
+                    align: align as u64,
+                },
+                size,
+            })
         }
         Format::Qcow2 => Box::new(Qcow2Driver::open(
             &path,
             file,
             true,
             DEFAULT_L2_CACHE_SIZE,
-            1,
+            align,
             depth + 1,
         )?),
     })
@@ -633,9 +724,11 @@ impl FormatDriver for Qcow2Driver {
             return Ok(None);
         }
         let mut out: Vec<Extent> = Vec::new();
+        let fd = self.data.as_raw_fd();
         for (at, n) in self.pieces(offset, len).collect::<Vec<_>>() {
             let ext = match self.lookup(at)? {
                 Cluster::Data { host, copied } if copied || !write => Extent::Host {
+                    fd,
                     host: host + at % self.cluster,
                     len: n,
                 },
@@ -647,24 +740,35 @@ impl FormatDriver for Qcow2Driver {
                     let host = self.alloc_cluster()?;
                     self.set_l2(at, host | COPIED)?;
                     Extent::Host {
+                        fd,
                         host: host + at % self.cluster,
                         len: n,
                     }
                 }
                 Cluster::Zero { .. } if !write => Extent::Zero { len: n },
-                Cluster::Unallocated if !write && self.backing.is_none() => Extent::Zero { len: n },
+                Cluster::Unallocated if !write => {
+                    let Some(b) = &mut self.backing else {
+                        if !push_extent(&mut out, Extent::Zero { len: n }) {
+                            return Ok(None);
+                        }
+                        continue;
+                    };
+                    // Backing data goes to the engine too, from the backing file's own
+                    // descriptor (QEMU reads a chain the same way, layer by layer).
+                    let Some(x) = b.map_read(at, n)? else {
+                        return Ok(None);
+                    };
+                    for e in x {
+                        if !push_extent(&mut out, e) {
+                            return Ok(None);
+                        }
+                    }
+                    continue;
+                }
                 _ => return Ok(None),
             };
-            let full = out.len() == MAX_EXTENTS;
-            match (out.last_mut(), ext) {
-                (Some(Extent::Host { host: h0, len: l0 }), Extent::Host { host, len })
-                    if *h0 + *l0 == host =>
-                {
-                    *l0 += len
-                }
-                (Some(Extent::Zero { len: l0 }), Extent::Zero { len }) => *l0 += len,
-                _ if full => return Ok(None),
-                _ => out.push(ext),
+            if !push_extent(&mut out, ext) {
+                return Ok(None);
             }
         }
         Ok(Some(out))

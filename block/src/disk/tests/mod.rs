@@ -256,6 +256,125 @@ fn scattered_qcow2_clusters_go_to_the_engine_in_pieces() {
     }
 }
 
+/// Reads of clusters the overlay does not have go to the engine from the backing file's
+/// descriptor, through a raw or a qcow2 backing file (itself scattered, with a hole), and
+/// past the end of a backing file shorter than the overlay they read zeroes; the backing
+/// file follows the overlay's cache mode (O_DIRECT or not).
+#[test]
+fn backing_reads_go_to_the_engine() {
+    const CL: u64 = 4096;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let base_len = DISK_SIZE / 2;
+    let mut rng = Rng::new(5);
+    let base: Vec<u8> = (0..base_len).map(|_| rng.next() as u8).collect();
+    for base_fmt in [Format::Raw, Format::Qcow2] {
+        for cache in [CacheMode::None, CacheMode::Writeback] {
+            for aio in engines_for(cache) {
+                let dir = TempDir::new("backing-engine");
+                let mut want = vec![0u8; DISK_SIZE as usize];
+                let base_path = match base_fmt {
+                    Format::Raw => {
+                        let p = dir.path().join("base.raw");
+                        std::fs::write(&p, &base).unwrap();
+                        want[..base.len()].copy_from_slice(&base);
+                        p
+                    }
+                    Format::Qcow2 => {
+                        // Clusters written last to first, cluster 3 left a hole.
+                        let p = dir.path().join("base.qcow2");
+                        let o = crate::CreateOptions {
+                            cluster_size: Some(CL),
+                            ..Default::default()
+                        };
+                        crate::img::create(&p, Format::Qcow2, base_len, &o).unwrap();
+                        let mut d = open_disk(&DiskOptions {
+                            format: Some(Format::Qcow2),
+                            ..opts(&p, CacheMode::Writeback, AioMode::Threads)
+                        })
+                        .unwrap();
+                        for c in (0..base_len / CL).rev().filter(|&c| c != 3) {
+                            let at = (c * CL) as usize;
+                            mem.write_slice(&base[at..at + CL as usize], GuestAddress(0))
+                                .unwrap();
+                            let sg = SgList::from_guest(&mem, &[(GuestAddress(0), CL as usize)])
+                                .unwrap();
+                            let op = RequestOp::Write {
+                                offset: c * CL,
+                                buf: sg,
+                            };
+                            run(&mut d, op).unwrap();
+                            want[at..at + CL as usize].copy_from_slice(&base[at..at + CL as usize]);
+                        }
+                        run(&mut d, RequestOp::Flush).unwrap();
+                        p
+                    }
+                };
+                let top = dir.path().join("top.qcow2");
+                let o = crate::CreateOptions {
+                    cluster_size: Some(CL),
+                    backing_file: Some(base_path.file_name().unwrap().to_str().unwrap().into()),
+                    backing_format: Some(base_fmt),
+                    ..Default::default()
+                };
+                crate::img::create(&top, Format::Qcow2, DISK_SIZE, &o).unwrap();
+                let mut disk = open_disk(&DiskOptions {
+                    format: Some(Format::Qcow2),
+                    ..opts(&top, cache, aio)
+                })
+                .unwrap();
+                // The overlay's own data in clusters 1 and 6.
+                for c in [1u64, 6] {
+                    let data = vec![0xc0 | c as u8; CL as usize];
+                    mem.write_slice(&data, GuestAddress(0)).unwrap();
+                    let sg = SgList::from_guest(&mem, &[(GuestAddress(0), CL as usize)]).unwrap();
+                    let op = RequestOp::Write {
+                        offset: c * CL,
+                        buf: sg,
+                    };
+                    run(&mut disk, op).unwrap();
+                    want[(c * CL) as usize..((c + 1) * CL) as usize].copy_from_slice(&data);
+                }
+                let before = disk.sync_path;
+                // Whole-disk read (backing, overlay, hole, past the backing file's end), then
+                // a read of backing data alone.
+                for (off, len) in [(0, DISK_SIZE), (8 * CL, 2 * CL)] {
+                    let sg =
+                        SgList::from_guest(&mem, &[(GuestAddress(0x10000), len as usize)]).unwrap();
+                    let op = RequestOp::Read {
+                        offset: off,
+                        buf: sg,
+                    };
+                    assert_eq!(run(&mut disk, op).unwrap(), len as usize);
+                    let mut got = vec![0u8; len as usize];
+                    mem.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
+                    assert!(
+                        got[..] == want[off as usize..(off + len) as usize],
+                        "{base_fmt:?}/{cache:?}/{aio:?}: read at {off}"
+                    );
+                }
+                assert_eq!(disk.sync_path, before, "{base_fmt:?}/{cache:?}/{aio:?}");
+                // The base is read with the overlay's cache mode: O_DIRECT under cache=none.
+                let x = disk.driver.map_extents(8 * CL, CL, false).unwrap().unwrap();
+                let [Extent::Host { fd, .. }] = x[..] else {
+                    panic!("cluster 8 maps to {x:?}");
+                };
+                assert_ne!(fd, disk.fd(), "cluster 8 is the base's");
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+                let flags = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .map(|f| i32::from_str_radix(f.trim(), 8).unwrap())
+                    .unwrap();
+                assert_eq!(
+                    flags & libc::O_DIRECT != 0,
+                    cache.direct(),
+                    "{base_fmt:?}/{cache:?}: base flags {flags:o}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn direct_io_detects_alignment_and_bounces() {
     let dir = TempDir::new("align");

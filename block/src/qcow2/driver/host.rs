@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use crate::sg::AlignedBuf;
 
 /// Read `buf` at `off`; bytes past the end of the file read as zeroes.
-pub(super) fn pread_zero_tail(file: &File, mut off: u64, mut buf: &mut [u8]) -> io::Result<()> {
+fn pread_zero_tail(file: &File, mut off: u64, mut buf: &mut [u8]) -> io::Result<()> {
     while !buf.is_empty() {
         match file.read_at(buf, off) {
             Ok(0) => {
