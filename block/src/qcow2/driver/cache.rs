@@ -8,7 +8,9 @@
 //!
 //! ```text
 //!  map: host offset ─▶ Slot { table, dirty: Option<byte range> }
-//!  order: insertion order (eviction is FIFO, an approximation of LRU)
+//!  order: CLOCK (second chance), QEMU evicts the least recently used table: a table used
+//!         since it last reached the front goes to the back once instead of out; FIFO
+//!         evicted the hot tables of a working set larger than the cache as readily as cold
 //!  dirty: sorted set of dirty offsets (write-back goes out in file order)
 //! ```
 
@@ -17,6 +19,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 struct Slot<T> {
     table: T,
     dirty: Option<(usize, usize)>,
+    /// Used since it last came round in `victim`.
+    referenced: bool,
 }
 
 pub(super) struct MetaCache<T> {
@@ -42,7 +46,10 @@ impl<T> MetaCache<T> {
 
     /// The cached table; callers that change it must call [`MetaCache::mark_dirty`].
     pub(super) fn get(&mut self, off: u64) -> Option<&mut T> {
-        self.map.get_mut(&off).map(|s| &mut s.table)
+        self.map.get_mut(&off).map(|s| {
+            s.referenced = true;
+            &mut s.table
+        })
     }
 
     /// Record that bytes `[lo, hi)` of the cluster at `off` differ from the file.
@@ -81,12 +88,20 @@ impl<T> MetaCache<T> {
         if self.map.len() < self.cap {
             return None;
         }
+        // Ends within two turns: each pass clears the marks it passes over.
         while let Some(&old) = self.order.front() {
-            if self.map.contains_key(&old) {
-                return Some(old);
+            match self.map.get_mut(&old) {
+                // Stale: removed earlier.
+                None => {
+                    self.order.pop_front();
+                }
+                Some(s) if s.referenced => {
+                    s.referenced = false;
+                    self.order.pop_front();
+                    self.order.push_back(old);
+                }
+                Some(_) => return Some(old),
             }
-            // Stale: removed earlier.
-            self.order.pop_front();
         }
         None
     }
@@ -105,7 +120,14 @@ impl<T> MetaCache<T> {
         if dirty.is_some() {
             self.dirty.insert(off);
         }
-        self.map.insert(off, Slot { table, dirty });
+        self.map.insert(
+            off,
+            Slot {
+                table,
+                dirty,
+                referenced: false,
+            },
+        );
     }
 
     /// Forget every dirty mark (the tables stay cached); for tests that simulate a crash.
@@ -122,6 +144,25 @@ impl<T> MetaCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table used since it was loaded outlives one loaded after it and never used.
+    #[test]
+    fn used_tables_get_a_second_chance() {
+        let mut c = MetaCache::new(3);
+        c.insert(10, 'a', None);
+        c.insert(20, 'b', None);
+        c.insert(30, 'c', None);
+        assert!(c.get(10).is_some());
+        assert_eq!(c.victim(), Some(20));
+        c.remove(20);
+        c.insert(40, 'd', None);
+        // 10's mark was spent on the last turn: it goes next unless used again.
+        assert!(c.get(30).is_some());
+        assert_eq!(c.victim(), Some(10));
+        assert!(c.get(10).is_some() && c.get(40).is_some());
+        // 10 and 40 used again go round once more; 30, its mark spent, goes.
+        assert_eq!(c.victim(), Some(30));
+    }
 
     #[test]
     fn evicts_in_insertion_order_and_tracks_dirty_ranges() {
