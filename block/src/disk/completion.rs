@@ -176,8 +176,7 @@ impl Disk {
         };
         match (err, short) {
             (Some(e), _) => self.complete(id, Err(e)),
-            (None, true) if write => self.write_sync(id, offset, sg),
-            (None, true) => self.read_sync(id, offset, sg),
+            (None, true) => self.sync_path(id, offset, sg, write),
             (None, false) => self.complete(id, Ok(sg.len())),
         }
     }

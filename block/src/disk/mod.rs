@@ -507,17 +507,9 @@ impl Disk {
                 }
                 let start = align_down(offset, a);
                 let end = align_up(offset + len as u64, a);
-                let aligned = offset % a == 0
-                    && len as u64 % a == 0
-                    && buf.is_aligned(self.mem_align, a as usize);
-                let base = match self.driver.map_extents(start, end - start, false) {
-                    Ok(Some(x)) => match x.as_slice() {
-                        [Extent::Host { fd, host, .. }] if *fd == self.fd() => *host,
-                        _ if aligned => return self.begin_split(id, false, offset, buf, x),
-                        _ => return self.read_sync(id, offset, buf),
-                    },
-                    Ok(None) => return self.read_sync(id, offset, buf),
-                    Err(e) => return self.complete(id, Err(BlockError::Io(e))),
+                let aligned = self.is_aligned(offset, &buf);
+                let Some((base, buf)) = self.route(id, offset, buf, false, aligned) else {
+                    return;
                 };
                 let host = base + (offset - start);
                 if aligned {
@@ -551,18 +543,9 @@ impl Disk {
                     return self.complete(id, Ok(0));
                 }
                 let start = align_down(offset, a);
-                let end = align_up(offset + len as u64, a);
-                let aligned = offset % a == 0
-                    && len as u64 % a == 0
-                    && buf.is_aligned(self.mem_align, a as usize);
-                let base = match self.driver.map_extents(start, end - start, true) {
-                    Ok(Some(x)) => match x.as_slice() {
-                        [Extent::Host { fd, host, .. }] if *fd == self.fd() => *host,
-                        _ if aligned => return self.begin_split(id, true, offset, buf, x),
-                        _ => return self.write_sync(id, offset, buf),
-                    },
-                    Ok(None) => return self.write_sync(id, offset, buf),
-                    Err(e) => return self.complete(id, Err(BlockError::Io(e))),
+                let aligned = self.is_aligned(offset, &buf);
+                let Some((base, buf)) = self.route(id, offset, buf, true, aligned) else {
+                    return;
                 };
                 let host = base + (offset - start);
                 if offset % a == 0 && len as u64 % a == 0 {
@@ -616,6 +599,54 @@ impl Disk {
                 };
                 self.begin_falloc(id, mode, offset, len, false);
             }
+        }
+    }
+
+    /// Whether O_DIRECT can take the request as it is (offset, length and memory aligned).
+    fn is_aligned(&self, offset: u64, buf: &SgList) -> bool {
+        let a = self.req_align;
+        offset % a == 0 && buf.len() as u64 % a == 0 && buf.is_aligned(self.mem_align, a as usize)
+    }
+
+    /// Map a read or write over its aligned range: `Some((host offset of the aligned start,
+    /// buf))` when it is one extent of the data file, for the caller to send; otherwise the
+    /// request is sent split (aligned requests), or served on the synchronous path, or
+    /// failed, here.
+    fn route(
+        &mut self,
+        id: u64,
+        offset: u64,
+        buf: SgList,
+        write: bool,
+        aligned: bool,
+    ) -> Option<(u64, SgList)> {
+        let a = self.req_align;
+        let start = align_down(offset, a);
+        let end = align_up(offset + buf.len() as u64, a);
+        let x = match self.driver.map_extents(start, end - start, write) {
+            Ok(Some(x)) => x,
+            Ok(None) => {
+                self.sync_path(id, offset, buf, write);
+                return None;
+            }
+            Err(e) => {
+                self.complete(id, Err(BlockError::Io(e)));
+                return None;
+            }
+        };
+        match x.as_slice() {
+            [Extent::Host { fd, host, .. }] if *fd == self.fd() => return Some((*host, buf)),
+            _ if aligned => self.begin_split(id, write, offset, buf, x),
+            _ => self.sync_path(id, offset, buf, write),
+        }
+        None
+    }
+
+    fn sync_path(&mut self, id: u64, offset: u64, buf: SgList, write: bool) {
+        if write {
+            self.write_sync(id, offset, buf)
+        } else {
+            self.read_sync(id, offset, buf)
         }
     }
 
