@@ -163,14 +163,26 @@ impl SgList {
 
     /// Zero the list from byte `at` to its end.
     pub(crate) fn zero_from(&self, at: usize) {
-        let zeros = vec![0u8; self.len.saturating_sub(at)];
-        self.copy_from(at, &zeros);
+        self.zero_range(at, self.len.saturating_sub(at));
     }
 
-    /// Zero `len` bytes of the list from byte `at`.
-    pub(crate) fn zero_range(&self, at: usize, len: usize) {
-        let zeros = vec![0u8; len.min(self.len.saturating_sub(at))];
-        self.copy_from(at, &zeros);
+    /// Zero `len` bytes of the list from byte `at` (clipped to the list).
+    pub(crate) fn zero_range(&self, mut at: usize, mut len: usize) {
+        for v in &self.iovecs {
+            if len == 0 {
+                break;
+            }
+            if at >= v.len {
+                at -= v.len;
+                continue;
+            }
+            let n = (v.len - at).min(len);
+            // SAFETY: [base+at, base+at+n) lies inside the segment, valid for writes while
+            // the request is in flight (as in `copy_from`).
+            unsafe { std::ptr::write_bytes(v.base.add(at), 0, n) };
+            len -= n;
+            at = 0;
+        }
     }
 
     /// The segments covering bytes `skip..skip + len` of the list.
@@ -287,6 +299,42 @@ mod tests {
         mem.read_slice(&mut g, GuestAddress(0x10)).unwrap();
         assert_eq!(g, [0x20, 0x21, 0x22, 0x23]);
         assert_eq!(sg.iovecs_after(0x18)[0].len, 8);
+    }
+
+    /// Ranges across segment boundaries: zeroing touches exactly the range, and the
+    /// iovecs of a range cover exactly its bytes.
+    #[test]
+    fn ranges_cross_segments() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        mem.write_slice(&[0xffu8; 0x100], GuestAddress(0)).unwrap();
+        let sg = SgList::from_guest(
+            &mem,
+            &[
+                (GuestAddress(0x10), 8),
+                (GuestAddress(0x40), 8),
+                (GuestAddress(0x80), 8),
+            ],
+        )
+        .unwrap();
+        sg.zero_range(6, 12);
+        let mut back = [0u8; 24];
+        sg.copy_to(0, &mut back);
+        let want: Vec<u8> = (0..24)
+            .map(|i| if (6..18).contains(&i) { 0 } else { 0xff })
+            .collect();
+        assert_eq!(back[..], want[..]);
+        let mut outside = [0u8; 8];
+        mem.read_slice(&mut outside, GuestAddress(0x18)).unwrap();
+        assert_eq!(outside, [0xff; 8], "zeroing stays inside the segments");
+        sg.zero_range(20, 100);
+        sg.copy_to(0, &mut back);
+        assert_eq!(back[20..], [0; 4]);
+
+        let r = sg.iovecs_range(6, 12);
+        let lens: Vec<usize> = r.iter().map(|v| v.len).collect();
+        assert_eq!(lens, [2, 8, 2]);
+        assert_eq!(r[0].base as usize - sg.iovecs()[0].base as usize, 6);
+        assert_eq!(r[2].base, sg.iovecs()[2].base);
     }
 
     #[test]

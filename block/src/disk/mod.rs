@@ -272,7 +272,10 @@ impl Disk {
     /// Block until the completion eventfd fires or `timeout` (none: forever) passes, for
     /// callers that wait on this one disk rather than in an event loop. `Ok(false)`: timed
     /// out or interrupted by a signal; call again or give up. Then [`Disk::completions`].
-    pub fn wait_completions(&self, timeout: Option<std::time::Duration>) -> io::Result<bool> {
+    pub fn wait_completions(&mut self, timeout: Option<std::time::Duration>) -> io::Result<bool> {
+        if self.ready() {
+            return Ok(true);
+        }
         let mut pfd = libc::pollfd {
             fd: self.evt.as_raw_fd(),
             events: libc::POLLIN,
@@ -292,6 +295,14 @@ impl Disk {
                 }
             }
         }
+    }
+
+    /// Whether [`Disk::completions`] has something now, known without a system call for
+    /// requests that finished on submission (zero clusters, the synchronous path) and for
+    /// io_uring and Linux AIO completions already posted (cached reads, reads of holes):
+    /// a device thread that asks after submitting saves a trip through its event loop.
+    pub fn ready(&mut self) -> bool {
+        !self.done.is_empty() || self.engine.ready()
     }
 
     /// Number of requests submitted and not yet returned by [`Disk::completions`], including

@@ -98,6 +98,11 @@ pub trait Engine: Send {
     fn submit(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)>;
     /// Take the next finished operation, if any.
     fn pop_completion(&mut self) -> Option<EngineCompletion>;
+    /// Whether a finished operation can be taken now, known without a system call (false
+    /// when the engine cannot tell that cheaply).
+    fn ready(&mut self) -> bool {
+        false
+    }
 }
 
 /// Build the engine `opts.aio` names, signalling on `evt`.

@@ -314,6 +314,14 @@ impl Engine for NativeEngine {
         }
         self.done.pop_front().or_else(|| self.pool.pop_completion())
     }
+
+    fn ready(&mut self) -> bool {
+        if self.done.is_empty() && self.user_ring {
+            // Reading the mapped ring costs no system call.
+            self.reap();
+        }
+        !self.done.is_empty() || self.pool.ready()
+    }
 }
 
 impl Drop for NativeEngine {

@@ -211,6 +211,15 @@ impl Engine for ThreadsEngine {
         Ok(())
     }
 
+    fn ready(&mut self) -> bool {
+        !self
+            .shared
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     fn pop_completion(&mut self) -> Option<EngineCompletion> {
         self.shared
             .done

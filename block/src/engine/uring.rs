@@ -158,6 +158,10 @@ impl Engine for UringEngine {
         }
         self.done.pop_front()
     }
+
+    fn ready(&mut self) -> bool {
+        !self.done.is_empty() || !self.ring.completion().is_empty()
+    }
 }
 
 impl Drop for UringEngine {

@@ -375,6 +375,32 @@ fn backing_reads_go_to_the_engine() {
     }
 }
 
+/// A read that finished while being submitted (a never-written qcow2 cluster) is ready at
+/// once, without the eventfd; once taken, nothing is.
+#[test]
+fn requests_finished_on_submission_are_ready() {
+    let dir = TempDir::new("ready");
+    let path = dir.path().join("d.qcow2");
+    crate::img::create(&path, Format::Qcow2, DISK_SIZE, &Default::default()).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    for aio in ENGINES {
+        let mut d = open_disk(&DiskOptions {
+            format: Some(Format::Qcow2),
+            ..opts(&path, CacheMode::None, aio)
+        })
+        .unwrap();
+        assert!(!d.ready());
+        let sg = SgList::from_guest(&mem, &[(GuestAddress(0), 4096)]).unwrap();
+        let op = RequestOp::Read { offset: 0, buf: sg };
+        d.submit(Request { tag: 3, op }).unwrap();
+        assert!(d.ready(), "{aio:?}");
+        let got: Vec<_> = d.completions().collect();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.as_ref().unwrap(), &4096);
+        assert!(!d.ready(), "{aio:?}");
+    }
+}
+
 #[test]
 fn direct_io_detects_alignment_and_bounces() {
     let dir = TempDir::new("align");

@@ -383,6 +383,10 @@ impl IoWork for Worker {
         if pos < self.queues.len() {
             let _ = self.queues[pos].vq.notify.read();
             self.process_queue(pos);
+            // Requests that finished while being submitted go back in this batch.
+            if self.disk.ready() {
+                self.handle_completions();
+            }
         }
     }
 
