@@ -87,12 +87,16 @@ const RIG_TIMEOUT_SECS: &str = "480";
 const RIG_TIMED_OUT: i32 = 124;
 
 /// What the output holds when a guest died: Platter's line for a triple
-/// fault, and compare's for a VMM that ended while its guest's script had
-/// not (QEMU, run with -no-reboot, just exits when its guest triple-faults;
-/// seen once in CI, a 1-vCPU QEMU guest at the start of a fio job).
-const GUEST_DIED: [&str; 2] = [
+/// fault, compare's for a VMM that ended while its guest's script had not
+/// (QEMU, run with -no-reboot, just exits when its guest triple-faults; seen
+/// once in CI, a 1-vCPU QEMU guest at the start of a fio job), and the rig's
+/// when L1 itself died (seen once: L1's kernel took a fatal exception inside
+/// KVM_RUN, "Kernel panic - not syncing: Fatal exception in interrupt", with
+/// its stack pointer at a page boundary: the nested TCG SVM again).
+const GUEST_DIED: [&str; 3] = [
     "triple fault",
     "the guest script did not finish (exit status missing)",
+    "without reporting the command's exit status",
 ];
 
 /// Run a shell job inside L1; returns (exit code, all output).
