@@ -35,6 +35,15 @@ impl IoVecs {
     pub fn total(&self) -> usize {
         self.0.iter().map(|v| v.iov_len).sum()
     }
+
+    /// preadv2 from `fd` at `offset` into these iovecs (the first UIO_MAXIOV of them); the
+    /// system call's return value.
+    pub(crate) fn preadv2(&self, fd: RawFd, offset: u64, flags: libc::c_int) -> isize {
+        let cnt = self.0.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: the iovecs point at memory valid for writes until the operation completes
+        // (module contract); `cnt` does not exceed the array length.
+        unsafe { libc::preadv2(fd, self.0.as_ptr(), cnt, offset as i64, flags) }
+    }
 }
 
 /// One host file operation.
@@ -123,12 +132,7 @@ pub fn new_engine(opts: &DiskOptions, evt: EventFd) -> Result<Box<dyn Engine>, B
 pub(crate) fn run_blocking(op: &EngineOp) -> io::Result<usize> {
     loop {
         let ret: isize = match &op.kind {
-            OpKind::Read { offset, iovecs } => {
-                let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-                // SAFETY: the iovecs point at memory valid for writes until completion (module
-                // contract); `cnt` does not exceed the array length.
-                unsafe { libc::preadv2(op.fd, iovecs.0.as_ptr(), cnt, *offset as i64, 0) }
-            }
+            OpKind::Read { offset, iovecs } => iovecs.preadv2(op.fd, *offset, 0),
             OpKind::Write {
                 offset,
                 iovecs,

@@ -115,18 +115,7 @@ impl ThreadsEngine {
         if iovecs.total() > INLINE_MAX {
             return Some(op);
         }
-        let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        // SAFETY: the iovecs point at memory valid for writes until completion (engine
-        // contract); `cnt` does not exceed the array length.
-        let ret = unsafe {
-            libc::preadv2(
-                op.fd,
-                iovecs.0.as_ptr(),
-                cnt,
-                *offset as i64,
-                libc::RWF_NOWAIT,
-            )
-        };
+        let ret = iovecs.preadv2(op.fd, *offset, libc::RWF_NOWAIT);
         if ret < 0 {
             let err = std::io::Error::last_os_error();
             if matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
@@ -140,17 +129,10 @@ impl ThreadsEngine {
             return Some(op);
         }
         self.inline_done += 1;
-        self.shared
-            .done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(EngineCompletion {
-                id: op.id,
-                result: Ok(ret as usize),
-            });
-        if let Err(e) = self.shared.evt.write(1) {
-            log::error!("block: cannot signal completion eventfd: {e}");
-        }
+        self.shared.complete(EngineCompletion {
+            id: op.id,
+            result: Ok(ret as usize),
+        });
         None
     }
 }
@@ -172,13 +154,19 @@ fn worker(shared: &Shared) {
             }
         };
         let result = run_blocking(&op);
-        shared
-            .done
+        shared.complete(EngineCompletion { id: op.id, result });
+    }
+}
+
+impl Shared {
+    /// Queue a finished operation and signal the eventfd.
+    fn complete(&self, c: EngineCompletion) {
+        self.done
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(EngineCompletion { id: op.id, result });
-        if let Err(e) = shared.evt.write(1) {
-            log::error!("block worker: cannot signal completion eventfd: {e}");
+            .push_back(c);
+        if let Err(e) = self.evt.write(1) {
+            log::error!("block: cannot signal completion eventfd: {e}");
         }
     }
 }
@@ -266,6 +254,15 @@ mod tests {
         }
     }
 
+    fn engine(threads: usize, inline_reads: bool) -> ThreadsEngine {
+        ThreadsEngine::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            threads,
+            inline_reads,
+        )
+        .unwrap()
+    }
+
     /// Wait (up to 5 s) for the next completion.
     fn next(e: &mut ThreadsEngine) -> EngineCompletion {
         for _ in 0..5000 {
@@ -294,7 +291,7 @@ mod tests {
     fn cached_reads_complete_inline() {
         let dir = TempDir::new("threads-inline");
         let (f, data) = file_with(&dir, 64 << 10);
-        let mut e = ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 4, true).unwrap();
+        let mut e = engine(4, true);
         let mut buf = vec![0u8; 8192];
         e.submit(read_op(f.as_raw_fd(), 7, 4096, &mut buf))
             .map_err(|(e, _)| e)
@@ -310,7 +307,7 @@ mod tests {
     fn large_reads_go_to_a_worker() {
         let dir = TempDir::new("threads-large");
         let (f, data) = file_with(&dir, 2 * INLINE_MAX);
-        let mut e = ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 4, true).unwrap();
+        let mut e = engine(4, true);
         let mut buf = vec![0u8; INLINE_MAX + 4096];
         e.submit(read_op(f.as_raw_fd(), 1, 0, &mut buf))
             .map_err(|(e, _)| e)
@@ -326,7 +323,7 @@ mod tests {
     fn short_and_uncached_reads_go_to_a_worker() {
         let dir = TempDir::new("threads-worker");
         let (f, data) = file_with(&dir, 64 << 10);
-        let mut e = ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 4, true).unwrap();
+        let mut e = engine(4, true);
         let mut tail = vec![0u8; 8192];
         e.submit(read_op(f.as_raw_fd(), 1, (64 << 10) - 4096, &mut tail))
             .map_err(|(e, _)| e)
@@ -352,8 +349,7 @@ mod tests {
     fn writes_and_direct_engines_never_run_inline() {
         let dir = TempDir::new("threads-direct");
         let (f, data) = file_with(&dir, 16 << 10);
-        let mut direct =
-            ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 2, false).unwrap();
+        let mut direct = engine(2, false);
         let mut buf = vec![0u8; 4096];
         direct
             .submit(read_op(f.as_raw_fd(), 1, 0, &mut buf))
@@ -363,8 +359,7 @@ mod tests {
         assert_eq!(buf, data[..4096]);
         assert_eq!(direct.inline_completions(), 0);
 
-        let mut cached =
-            ThreadsEngine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), 2, true).unwrap();
+        let mut cached = engine(2, true);
         let src = vec![0xa5u8; 4096];
         let write = EngineOp {
             id: 3,
