@@ -50,15 +50,7 @@ impl Disk {
                     } else {
                         let iovecs = buf.iovecs_after(*done);
                         let offset = *host_off + *done as u64;
-                        Action::Send(if *write {
-                            OpKind::Write {
-                                offset,
-                                iovecs,
-                                dsync: *dsync,
-                            }
-                        } else {
-                            OpKind::Read { offset, iovecs }
-                        })
+                        Action::Send(OpKind::transfer(*write, offset, iovecs, *dsync))
                     }
                 }
             },

@@ -190,7 +190,7 @@ pub struct Disk {
     stats: Arc<DiskStats>,
     /// Reads and writes that took the synchronous path.
     #[cfg(test)]
-    sync_path: usize,
+    sync_served: usize,
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -691,19 +691,7 @@ impl Disk {
                 _keep: keep,
             },
         );
-        let kind = if write {
-            OpKind::Write {
-                offset: host_off,
-                iovecs,
-                dsync,
-            }
-        } else {
-            OpKind::Read {
-                offset: host_off,
-                iovecs,
-            }
-        };
-        self.send(id, kind);
+        self.send(id, OpKind::transfer(write, host_off, iovecs, dsync));
     }
 
     fn begin_write(
@@ -719,8 +707,9 @@ impl Disk {
 
     /// An aligned request over several extents, or over one in a backing file: one engine
     /// operation per host extent, in flight together (QEMU splits qcow2 requests the same
-    /// way); zero extents of a read are filled here. Used to run whole on the synchronous path, which made every large read
-    /// of a qcow2 image written out of order block the device thread.
+    /// way); zero extents of a read are filled here. Used to run whole on the synchronous
+    /// path, which made every large read of a qcow2 image written out of order block the
+    /// device thread.
     fn begin_split(&mut self, id: u64, write: bool, offset: u64, sg: SgList, x: Vec<Extent>) {
         let mut parts = Vec::with_capacity(x.len());
         let mut skip = 0usize;
@@ -752,22 +741,10 @@ impl Disk {
                     .map(|v| v.to_libc())
                     .collect(),
             );
-            let kind = if write {
-                OpKind::Write {
-                    offset: p.host,
-                    iovecs,
-                    dsync,
-                }
-            } else {
-                OpKind::Read {
-                    offset: p.host,
-                    iovecs,
-                }
-            };
             let op = EngineOp {
                 id: id | (i as u64) << PART_SHIFT,
                 fd: p.fd,
-                kind,
+                kind: OpKind::transfer(write, p.host, iovecs, dsync),
             };
             if let Err((e, _)) = self.engine.submit(op) {
                 // Parts already sent keep their buffers until they complete.
@@ -883,7 +860,7 @@ impl Disk {
     fn read_sync(&mut self, id: u64, offset: u64, sg: SgList) {
         #[cfg(test)]
         {
-            self.sync_path += 1;
+            self.sync_served += 1;
         }
         let mut buf = vec![0u8; sg.len()];
         let r = self.driver.read_sync(offset, &mut buf);
@@ -897,7 +874,7 @@ impl Disk {
     fn write_sync(&mut self, id: u64, offset: u64, sg: SgList) {
         #[cfg(test)]
         {
-            self.sync_path += 1;
+            self.sync_served += 1;
         }
         let mut buf = vec![0u8; sg.len()];
         sg.copy_to(0, &mut buf);

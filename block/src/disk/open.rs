@@ -102,7 +102,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         throttle,
         stats: Arc::default(),
         #[cfg(test)]
-        sync_path: 0,
+        sync_served: 0,
     };
     disk.driver.set_volatile_writes(!disk.dsync());
     Ok(disk)

@@ -78,6 +78,21 @@ pub enum OpKind {
     },
 }
 
+impl OpKind {
+    /// A read, or a write (with RWF_DSYNC when `dsync`), of `iovecs` at `offset`.
+    pub fn transfer(write: bool, offset: u64, iovecs: IoVecs, dsync: bool) -> OpKind {
+        if write {
+            OpKind::Write {
+                offset,
+                iovecs,
+                dsync,
+            }
+        } else {
+            OpKind::Read { offset, iovecs }
+        }
+    }
+}
+
 /// A host operation on one file descriptor, tagged with the submitter's id.
 #[derive(Debug)]
 pub struct EngineOp {

@@ -217,7 +217,7 @@ fn scattered_qcow2_clusters_go_to_the_engine_in_pieces() {
                 assert_eq!(run(&mut disk, op).unwrap(), CL as usize);
                 model[(c * CL) as usize..((c + 1) * CL) as usize].copy_from_slice(&data);
             }
-            let before = disk.sync_path;
+            let before = disk.sync_served;
             let read_all = |disk: &mut Disk| {
                 mem.write_slice(&vec![0xeeu8; (N * CL) as usize], GuestAddress(0x10000))
                     .unwrap();
@@ -244,7 +244,7 @@ fn scattered_qcow2_clusters_go_to_the_engine_in_pieces() {
                 "{cache:?}/{aio:?}: scattered write"
             );
             assert_eq!(
-                disk.sync_path, before,
+                disk.sync_served, before,
                 "{cache:?}/{aio:?} took the sync path"
             );
             assert_eq!(run(&mut disk, RequestOp::Flush).unwrap(), 0);
@@ -334,7 +334,7 @@ fn backing_reads_go_to_the_engine() {
                     run(&mut disk, op).unwrap();
                     want[(c * CL) as usize..((c + 1) * CL) as usize].copy_from_slice(&data);
                 }
-                let before = disk.sync_path;
+                let before = disk.sync_served;
                 // Whole-disk read (backing, overlay, hole, past the backing file's end), then
                 // a read of backing data alone.
                 for (off, len) in [(0, DISK_SIZE), (8 * CL, 2 * CL)] {
@@ -352,7 +352,7 @@ fn backing_reads_go_to_the_engine() {
                         "{base_fmt:?}/{cache:?}/{aio:?}: read at {off}"
                     );
                 }
-                assert_eq!(disk.sync_path, before, "{base_fmt:?}/{cache:?}/{aio:?}");
+                assert_eq!(disk.sync_served, before, "{base_fmt:?}/{cache:?}/{aio:?}");
                 // The base is read with the overlay's cache mode: O_DIRECT under cache=none.
                 let x = disk.driver.map_extents(8 * CL, CL, false).unwrap().unwrap();
                 let [Extent::Host { fd, .. }] = x[..] else {
