@@ -5,8 +5,7 @@
 //! offset, a range that maps to several (a qcow2 image whose clusters were allocated out of
 //! order, or that reads partly from its backing file) as several engine operations. Ranges
 //! with a piece the engine cannot serve (compressed clusters, copy-on-write) take the
-//! driver's synchronous path;
-//! raw maps everything (guest offset `x` is host offset `x`).
+//! driver's synchronous path; raw maps everything (guest offset `x` is host offset `x`).
 
 use std::io;
 use std::os::fd::RawFd;

@@ -15,11 +15,12 @@
 //! zero extents the pipeline fills itself; writes that allocate clusters which read as
 //! zeroes (no backing file) while the guest's write cache is on go to the engine too: the
 //! mapping allocates a zeroed cluster and the engine writes into it. Everything else runs
-//! synchronously here: reads of backing data and compressed clusters, other allocating
-//! writes (copy-on-write of the rest of the cluster), discard and write-zeroes. Metadata (L2 tables, refcount blocks, L1 entries) is
-//! cached and written back at flush points or on eviction, ordered so that a crash leaks
-//! clusters at worst and never leaves a reference to an unowned one (`writeback.rs`); no lazy
-//! refcounts, so the dirty bit is never set by us.
+//! synchronously here: reads of compressed clusters (and of backing data a backing qcow2
+//! cannot map), other allocating writes (copy-on-write of the rest of the cluster), discard
+//! and write-zeroes. Metadata (L2 tables, refcount blocks, L1 entries) is cached and written
+//! back at flush points or on eviction, ordered so that a crash leaks clusters at worst and
+//! never leaves a reference to an unowned one (`writeback.rs`); no lazy refcounts, so the
+//! dirty bit is never set by us.
 //!
 //! Refused, with a message: read-write opens of images marked corrupt or dirty (their
 //! refcounts need `qemu-img check -r all`), or with internal snapshots; extended L2 entries,
@@ -746,25 +747,15 @@ impl FormatDriver for Qcow2Driver {
                     }
                 }
                 Cluster::Zero { .. } if !write => Extent::Zero { len: n },
-                Cluster::Unallocated if !write => {
-                    let Some(b) = &mut self.backing else {
-                        if !push_extent(&mut out, Extent::Zero { len: n }) {
-                            return Ok(None);
-                        }
-                        continue;
-                    };
+                Cluster::Unallocated if !write => match &mut self.backing {
+                    None => Extent::Zero { len: n },
                     // Backing data goes to the engine too, from the backing file's own
                     // descriptor (QEMU reads a chain the same way, layer by layer).
-                    let Some(x) = b.map_read(at, n)? else {
-                        return Ok(None);
-                    };
-                    for e in x {
-                        if !push_extent(&mut out, e) {
-                            return Ok(None);
-                        }
-                    }
-                    continue;
-                }
+                    Some(b) => match b.map_read(at, n)? {
+                        Some(x) if x.iter().all(|&e| push_extent(&mut out, e)) => continue,
+                        _ => return Ok(None),
+                    },
+                },
                 _ => return Ok(None),
             };
             if !push_extent(&mut out, ext) {
