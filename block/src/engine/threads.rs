@@ -263,6 +263,10 @@ mod tests {
         .unwrap()
     }
 
+    fn submit(e: &mut ThreadsEngine, op: EngineOp) {
+        e.submit(op).map_err(|(e, _)| e).unwrap();
+    }
+
     /// Wait (up to 5 s) for the next completion.
     fn next(e: &mut ThreadsEngine) -> EngineCompletion {
         for _ in 0..5000 {
@@ -293,9 +297,7 @@ mod tests {
         let (f, data) = file_with(&dir, 64 << 10);
         let mut e = engine(4, true);
         let mut buf = vec![0u8; 8192];
-        e.submit(read_op(f.as_raw_fd(), 7, 4096, &mut buf))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        submit(&mut e, read_op(f.as_raw_fd(), 7, 4096, &mut buf));
         assert_eq!(e.inline_completions(), 1);
         let c = e.pop_completion().expect("completed inline");
         assert_eq!((c.id, c.result.unwrap()), (7, 8192));
@@ -309,9 +311,7 @@ mod tests {
         let (f, data) = file_with(&dir, 2 * INLINE_MAX);
         let mut e = engine(4, true);
         let mut buf = vec![0u8; INLINE_MAX + 4096];
-        e.submit(read_op(f.as_raw_fd(), 1, 0, &mut buf))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        submit(&mut e, read_op(f.as_raw_fd(), 1, 0, &mut buf));
         assert_eq!(next(&mut e).result.unwrap(), buf.len());
         assert_eq!(buf, data[..INLINE_MAX + 4096]);
         assert_eq!(e.inline_completions(), 0);
@@ -325,9 +325,10 @@ mod tests {
         let (f, data) = file_with(&dir, 64 << 10);
         let mut e = engine(4, true);
         let mut tail = vec![0u8; 8192];
-        e.submit(read_op(f.as_raw_fd(), 1, (64 << 10) - 4096, &mut tail))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        submit(
+            &mut e,
+            read_op(f.as_raw_fd(), 1, (64 << 10) - 4096, &mut tail),
+        );
         assert_eq!(next(&mut e).result.unwrap(), 4096);
         assert_eq!(tail[..4096], data[(64 << 10) - 4096..]);
 
@@ -336,9 +337,7 @@ mod tests {
         let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(rc, 0);
         let mut buf = vec![0u8; 4096];
-        e.submit(read_op(f.as_raw_fd(), 2, 32 << 10, &mut buf))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        submit(&mut e, read_op(f.as_raw_fd(), 2, 32 << 10, &mut buf));
         assert_eq!(next(&mut e).result.unwrap(), 4096);
         assert_eq!(buf, data[32 << 10..(32 << 10) + 4096]);
         assert_eq!(e.inline_completions(), 0);
@@ -351,10 +350,7 @@ mod tests {
         let (f, data) = file_with(&dir, 16 << 10);
         let mut direct = engine(2, false);
         let mut buf = vec![0u8; 4096];
-        direct
-            .submit(read_op(f.as_raw_fd(), 1, 0, &mut buf))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        submit(&mut direct, read_op(f.as_raw_fd(), 1, 0, &mut buf));
         assert_eq!(next(&mut direct).result.unwrap(), 4096);
         assert_eq!(buf, data[..4096]);
         assert_eq!(direct.inline_completions(), 0);
@@ -373,7 +369,7 @@ mod tests {
                 dsync: false,
             },
         };
-        cached.submit(write).map_err(|(e, _)| e).unwrap();
+        submit(&mut cached, write);
         assert_eq!(next(&mut cached).result.unwrap(), 4096);
         assert_eq!(cached.inline_completions(), 0);
         assert_eq!(

@@ -181,6 +181,48 @@ pub(super) fn guest_contents(path: &Path, format: Format) -> Vec<u8> {
     v
 }
 
+/// Create a qcow2 image with `cluster`-byte clusters, over `backing` (file name next to it,
+/// format) if given.
+fn create_qcow2(path: &Path, size: u64, cluster: u64, backing: Option<(&Path, Format)>) {
+    let o = crate::CreateOptions {
+        cluster_size: Some(cluster),
+        backing_file: backing.map(|(p, _)| p.file_name().unwrap().to_str().unwrap().into()),
+        backing_format: backing.map(|(_, f)| f),
+        ..Default::default()
+    };
+    crate::img::create(path, Format::Qcow2, size, &o).unwrap();
+}
+
+fn open_qcow2(path: &Path, cache: CacheMode, aio: AioMode) -> Disk {
+    open_disk(&DiskOptions {
+        format: Some(Format::Qcow2),
+        ..opts(path, cache, aio)
+    })
+    .unwrap()
+}
+
+/// Write `data` at `offset` from guest memory at `addr`; returns what the request returned.
+fn write_via(disk: &mut Disk, mem: &GuestMemoryMmap, addr: u64, offset: u64, data: &[u8]) -> usize {
+    mem.write_slice(data, GuestAddress(addr)).unwrap();
+    let sg = SgList::from_guest(mem, &[(GuestAddress(addr), data.len())]).unwrap();
+    run(disk, RequestOp::Write { offset, buf: sg }).unwrap()
+}
+
+/// Read `len` bytes at `offset` into guest memory at `addr` (first filled with 0xee, so
+/// bytes the read leaves alone show), and return them.
+fn read_via(disk: &mut Disk, mem: &GuestMemoryMmap, addr: u64, offset: u64, len: u64) -> Vec<u8> {
+    mem.write_slice(&vec![0xeeu8; len as usize], GuestAddress(addr))
+        .unwrap();
+    let sg = SgList::from_guest(mem, &[(GuestAddress(addr), len as usize)]).unwrap();
+    assert_eq!(
+        run(disk, RequestOp::Read { offset, buf: sg }).unwrap(),
+        len as usize
+    );
+    let mut got = vec![0u8; len as usize];
+    mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+    got
+}
+
 /// A qcow2 range whose clusters lie out of order in the file (written last to first), with
 /// a hole, is read and rewritten in one request each through the engine (one operation per
 /// host extent, the hole filled in place), never on the synchronous path; the image stays
@@ -194,53 +236,25 @@ fn scattered_qcow2_clusters_go_to_the_engine_in_pieces() {
         for aio in engines_for(cache) {
             let dir = TempDir::new("scatter");
             let path = dir.path().join("d.qcow2");
-            let o = crate::CreateOptions {
-                cluster_size: Some(CL),
-                ..Default::default()
-            };
-            crate::img::create(&path, Format::Qcow2, DISK_SIZE, &o).unwrap();
-            let mut disk = open_disk(&DiskOptions {
-                format: Some(Format::Qcow2),
-                ..opts(&path, cache, aio)
-            })
-            .unwrap();
+            create_qcow2(&path, DISK_SIZE, CL, None);
+            let mut disk = open_qcow2(&path, cache, aio);
             let mut model = vec![0u8; (N * CL) as usize];
             // Clusters 15, 14, ..., 0 except 5: host order is the reverse of guest order.
             for c in (0..N).rev().filter(|&c| c != 5) {
                 let data: Vec<u8> = (0..CL).map(|i| (c * 31 + i * 7) as u8).collect();
-                mem.write_slice(&data, GuestAddress(0)).unwrap();
-                let sg = SgList::from_guest(&mem, &[(GuestAddress(0), CL as usize)]).unwrap();
-                let op = RequestOp::Write {
-                    offset: c * CL,
-                    buf: sg,
-                };
-                assert_eq!(run(&mut disk, op).unwrap(), CL as usize);
+                assert_eq!(write_via(&mut disk, &mem, 0, c * CL, &data), CL as usize);
                 model[(c * CL) as usize..((c + 1) * CL) as usize].copy_from_slice(&data);
             }
             let before = disk.sync_served;
-            let read_all = |disk: &mut Disk| {
-                mem.write_slice(&vec![0xeeu8; (N * CL) as usize], GuestAddress(0x10000))
-                    .unwrap();
-                let sg = SgList::from_guest(&mem, &[(GuestAddress(0x10000), (N * CL) as usize)])
-                    .unwrap();
-                let op = RequestOp::Read { offset: 0, buf: sg };
-                assert_eq!(run(disk, op).unwrap(), (N * CL) as usize);
-                let mut got = vec![0u8; (N * CL) as usize];
-                mem.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
-                got
-            };
             assert!(
-                read_all(&mut disk) == model,
+                read_via(&mut disk, &mem, 0x10000, 0, N * CL) == model,
                 "{cache:?}/{aio:?}: scattered read"
             );
 
             let data: Vec<u8> = (0..N * CL).map(|i| (i * 13 + 1) as u8).collect();
-            mem.write_slice(&data, GuestAddress(0x20000)).unwrap();
-            let sg = SgList::from_guest(&mem, &[(GuestAddress(0x20000), data.len())]).unwrap();
-            let op = RequestOp::Write { offset: 0, buf: sg };
-            assert_eq!(run(&mut disk, op).unwrap(), data.len());
+            assert_eq!(write_via(&mut disk, &mem, 0x20000, 0, &data), data.len());
             assert!(
-                read_all(&mut disk) == data,
+                read_via(&mut disk, &mem, 0x10000, 0, N * CL) == data,
                 "{cache:?}/{aio:?}: scattered write"
             );
             assert_eq!(
@@ -282,71 +296,32 @@ fn backing_reads_go_to_the_engine() {
                     Format::Qcow2 => {
                         // Clusters written last to first, cluster 3 left a hole.
                         let p = dir.path().join("base.qcow2");
-                        let o = crate::CreateOptions {
-                            cluster_size: Some(CL),
-                            ..Default::default()
-                        };
-                        crate::img::create(&p, Format::Qcow2, base_len, &o).unwrap();
-                        let mut d = open_disk(&DiskOptions {
-                            format: Some(Format::Qcow2),
-                            ..opts(&p, CacheMode::Writeback, AioMode::Threads)
-                        })
-                        .unwrap();
+                        create_qcow2(&p, base_len, CL, None);
+                        let mut d = open_qcow2(&p, CacheMode::Writeback, AioMode::Threads);
                         for c in (0..base_len / CL).rev().filter(|&c| c != 3) {
                             let at = (c * CL) as usize;
-                            mem.write_slice(&base[at..at + CL as usize], GuestAddress(0))
-                                .unwrap();
-                            let sg = SgList::from_guest(&mem, &[(GuestAddress(0), CL as usize)])
-                                .unwrap();
-                            let op = RequestOp::Write {
-                                offset: c * CL,
-                                buf: sg,
-                            };
-                            run(&mut d, op).unwrap();
-                            want[at..at + CL as usize].copy_from_slice(&base[at..at + CL as usize]);
+                            let data = &base[at..at + CL as usize];
+                            write_via(&mut d, &mem, 0, c * CL, data);
+                            want[at..at + CL as usize].copy_from_slice(data);
                         }
                         run(&mut d, RequestOp::Flush).unwrap();
                         p
                     }
                 };
                 let top = dir.path().join("top.qcow2");
-                let o = crate::CreateOptions {
-                    cluster_size: Some(CL),
-                    backing_file: Some(base_path.file_name().unwrap().to_str().unwrap().into()),
-                    backing_format: Some(base_fmt),
-                    ..Default::default()
-                };
-                crate::img::create(&top, Format::Qcow2, DISK_SIZE, &o).unwrap();
-                let mut disk = open_disk(&DiskOptions {
-                    format: Some(Format::Qcow2),
-                    ..opts(&top, cache, aio)
-                })
-                .unwrap();
+                create_qcow2(&top, DISK_SIZE, CL, Some((&base_path, base_fmt)));
+                let mut disk = open_qcow2(&top, cache, aio);
                 // The overlay's own data in clusters 1 and 6.
                 for c in [1u64, 6] {
                     let data = vec![0xc0 | c as u8; CL as usize];
-                    mem.write_slice(&data, GuestAddress(0)).unwrap();
-                    let sg = SgList::from_guest(&mem, &[(GuestAddress(0), CL as usize)]).unwrap();
-                    let op = RequestOp::Write {
-                        offset: c * CL,
-                        buf: sg,
-                    };
-                    run(&mut disk, op).unwrap();
+                    write_via(&mut disk, &mem, 0, c * CL, &data);
                     want[(c * CL) as usize..((c + 1) * CL) as usize].copy_from_slice(&data);
                 }
                 let before = disk.sync_served;
                 // Whole-disk read (backing, overlay, hole, past the backing file's end), then
                 // a read of backing data alone.
                 for (off, len) in [(0, DISK_SIZE), (8 * CL, 2 * CL)] {
-                    let sg =
-                        SgList::from_guest(&mem, &[(GuestAddress(0x10000), len as usize)]).unwrap();
-                    let op = RequestOp::Read {
-                        offset: off,
-                        buf: sg,
-                    };
-                    assert_eq!(run(&mut disk, op).unwrap(), len as usize);
-                    let mut got = vec![0u8; len as usize];
-                    mem.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
+                    let got = read_via(&mut disk, &mem, 0x10000, off, len);
                     assert!(
                         got[..] == want[off as usize..(off + len) as usize],
                         "{base_fmt:?}/{cache:?}/{aio:?}: read at {off}"
@@ -384,11 +359,7 @@ fn requests_finished_on_submission_are_ready() {
     crate::img::create(&path, Format::Qcow2, DISK_SIZE, &Default::default()).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     for aio in ENGINES {
-        let mut d = open_disk(&DiskOptions {
-            format: Some(Format::Qcow2),
-            ..opts(&path, CacheMode::None, aio)
-        })
-        .unwrap();
+        let mut d = open_qcow2(&path, CacheMode::None, aio);
         assert!(!d.ready());
         let sg = SgList::from_guest(&mem, &[(GuestAddress(0), 4096)]).unwrap();
         let op = RequestOp::Read { offset: 0, buf: sg };
