@@ -64,6 +64,15 @@ pub trait FormatDriver: Send {
     fn falloc_passthrough(&self) -> bool {
         false
     }
+    /// For formats whose discard and write-zeroes change where guest data lives (qcow2 frees
+    /// clusters, which the next allocation may hand out again): the unit they change it in.
+    /// The pipeline keeps engine reads and writes off those units while such a request runs,
+    /// or an operation still in flight on a freed cluster would land in its next owner
+    /// (another guest range, or an L2 table). `None`: mappings never change under the
+    /// engine (raw).
+    fn remap_granularity(&self) -> Option<u64> {
+        None
+    }
     /// The extents of guest `[offset, offset+len)` in guest order, neighbours merged, when
     /// the engine may read all of it (or, with `write`, overwrite all of it in place; write
     /// mappings hold only [`Extent::Host`]); `None` sends the request to the synchronous

@@ -427,20 +427,34 @@ impl Disk {
         }
     }
 
-    /// The range a write-type request must hold, if any.
+    /// The range a request must hold, if any. Writes hold theirs shared (exclusive for
+    /// read-modify-write). Where discard and write-zeroes can free clusters (qcow2), they
+    /// hold every cluster they touch exclusively and reads hold theirs shared, so no engine
+    /// operation is in flight on a cluster while it is freed and handed out again.
     fn lock_range(&self, id: u64, op: &RequestOp) -> Option<Range> {
         let a = self.req_align;
-        let (offset, len, exclusive) = match op {
+        let remap = self.driver.remap_granularity();
+        let (offset, len, exclusive, unit) = match op {
             RequestOp::Write { offset, buf } => {
                 let len = buf.len() as u64;
-                (*offset, len, offset % a != 0 || len % a != 0)
+                (*offset, len, offset % a != 0 || len % a != 0, a)
             }
-            // Formats that zero partial blocks by read-modify-write need them to themselves.
-            RequestOp::Discard { offset, len } | RequestOp::WriteZeroes { offset, len, .. } => (
-                *offset,
-                *len,
-                !self.driver.falloc_passthrough() && (offset % a != 0 || len % a != 0),
-            ),
+            RequestOp::Discard { offset, len } | RequestOp::WriteZeroes { offset, len, .. } => {
+                match remap {
+                    Some(g) => (*offset, *len, true, g.max(a)),
+                    // Formats that zero partial blocks by read-modify-write need them to
+                    // themselves.
+                    None => (
+                        *offset,
+                        *len,
+                        !self.driver.falloc_passthrough() && (offset % a != 0 || len % a != 0),
+                        a,
+                    ),
+                }
+            }
+            RequestOp::Read { offset, buf } if remap.is_some() => {
+                (*offset, buf.len() as u64, false, a)
+            }
             RequestOp::Read { .. } | RequestOp::Flush => return None,
         };
         if len == 0 {
@@ -448,8 +462,8 @@ impl Disk {
         }
         Some(Range {
             id,
-            start: align_down(offset, a),
-            end: align_up(offset + len, a),
+            start: align_down(offset, unit),
+            end: align_up(offset + len, unit),
             exclusive,
         })
     }

@@ -1,10 +1,13 @@
-//! Per-disk byte-range lock that keeps read-modify-write correct under concurrency.
+//! Per-disk byte-range lock that keeps read-modify-write and cluster freeing correct under
+//! concurrency.
 //!
 //! An O_DIRECT write that is not aligned reads the blocks around it, patches them and writes
 //! them back. Any other write to those blocks in between would be lost, so an RMW takes its
 //! aligned range *exclusively*; plain writes, discards and write-zeroes take theirs *shared*
-//! (they may overlap each other, as the guest allows). Waiters are served in arrival order: a
-//! request also waits behind an earlier waiter it conflicts with, so nothing starves.
+//! (they may overlap each other, as the guest allows). On qcow2, discard and write-zeroes free
+//! clusters the next allocation reuses, so they take whole clusters exclusively and reads
+//! take theirs shared (`Disk::lock_range`). Waiters are served in arrival order: a request
+//! also waits behind an earlier waiter it conflicts with, so nothing starves.
 
 use std::collections::VecDeque;
 

@@ -714,6 +714,9 @@ impl FormatDriver for Qcow2Driver {
     fn supports_discard(&self) -> bool {
         true
     }
+    fn remap_granularity(&self) -> Option<u64> {
+        Some(self.cluster)
+    }
 
     fn map_extents(
         &mut self,

@@ -660,6 +660,81 @@ fn qcow2_discard_gives_the_space_back() {
     }
 }
 
+/// A guest that discards a qcow2 cluster while a read and a write of it are still in flight,
+/// flushes and writes somewhere new: the discard waits for both, so the new write cannot be
+/// given the freed cluster while the old operations may still land in it (they would have
+/// written into, or read from, its next owner). Checked on the mapping, which is
+/// deterministic: the old path freed the cluster at once, the flush made the free real and
+/// the allocation reused it.
+#[test]
+fn qcow2_discard_waits_for_io_in_flight_on_its_clusters() {
+    const CL: u64 = 64 << 10;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    for (cache, aio) in [
+        (CacheMode::None, AioMode::IoUring),
+        (CacheMode::Writeback, AioMode::Threads),
+    ] {
+        let dir = TempDir::new("discard-race");
+        let path = dir.path().join("d.qcow2");
+        create_qcow2(&path, 4 << 20, CL, None);
+        let mut d = open_qcow2(&path, cache, aio);
+        write_via(&mut d, &mem, 0, 0, &[0xa1; CL as usize]);
+        let old = d
+            .driver
+            .map(0, CL, true)
+            .unwrap()
+            .expect("cluster 0 allocated");
+        let sg =
+            |addr: u64| SgList::from_guest(&mem, &[(GuestAddress(addr), CL as usize)]).unwrap();
+        mem.write_slice(&[0xb2; CL as usize], GuestAddress(CL))
+            .unwrap();
+        mem.write_slice(&[0xc3; CL as usize], GuestAddress(2 * CL))
+            .unwrap();
+        let reqs = [
+            RequestOp::Write {
+                offset: 0,
+                buf: sg(CL),
+            },
+            RequestOp::Read {
+                offset: 0,
+                buf: sg(3 * CL),
+            },
+            RequestOp::Discard { offset: 0, len: CL },
+            // Frees become real once the tables are durable, at the next flush.
+            RequestOp::Flush,
+            RequestOp::Write {
+                offset: 1 << 20,
+                buf: sg(2 * CL),
+            },
+        ];
+        for (tag, op) in reqs.into_iter().enumerate() {
+            d.submit(Request {
+                tag: tag as u64,
+                op,
+            })
+            .unwrap();
+        }
+        let new = d.driver.map(1 << 20, CL, false).unwrap();
+        assert_ne!(
+            new,
+            Some(old),
+            "{cache:?}/{aio:?}: a cluster in use was handed out again"
+        );
+        for (tag, r) in wait_all(&mut d, 5) {
+            assert!(r.is_ok(), "{cache:?}/{aio:?}: request {tag}: {r:?}");
+        }
+        assert_eq!(read_via(&mut d, &mem, 0, 0, CL), vec![0u8; CL as usize]);
+        assert_eq!(
+            read_via(&mut d, &mem, 0, 1 << 20, CL),
+            vec![0xc3; CL as usize]
+        );
+        drop(d);
+        if let Some(q) = crate::testutil::qemu_img() {
+            crate::testutil::run_ok(q, &["check", path.to_str().unwrap()]);
+        }
+    }
+}
+
 mod durability;
 mod interop;
 mod model;
