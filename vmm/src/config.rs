@@ -158,6 +158,29 @@ impl<'de> Deserialize<'de> for MemorySize {
     }
 }
 
+/// `iothread`: one thread name for all of a disk's queues, or a list: queue `i` is served
+/// by thread `i mod n` (QEMU's iothread-vq-mapping, round robin).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoThreads(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for IoThreads {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bad = || serde::de::Error::custom("expected a thread name or a list of names");
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => Ok(IoThreads(vec![s])),
+            toml::Value::Array(a) => a
+                .into_iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s),
+                    _ => Err(bad()),
+                })
+                .collect::<Result<_, _>>()
+                .map(IoThreads),
+            _ => Err(bad()),
+        }
+    }
+}
+
 impl fmt::Display for MemorySize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} MiB", self.mib())
@@ -325,8 +348,8 @@ pub struct DiskConfig {
     pub num_queues: Option<u16>,
     /// virtio queue size.
     pub queue_size: Option<u16>,
-    /// Name of the I/O thread serving this disk.
-    pub iothread: Option<String>,
+    /// The I/O thread(s) serving this disk's queues.
+    pub iothread: Option<IoThreads>,
     /// Logical block size in bytes.
     pub logical_block_size: Option<u32>,
     /// Physical block size in bytes.
@@ -550,16 +573,34 @@ impl Config {
                     ));
                 }
             }
-            if let Some(name) = &d.iothread {
-                let ok = !name.is_empty()
-                    && name.len() <= 15
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-                if !ok {
+            if let Some(IoThreads(names)) = &d.iothread {
+                if names.is_empty() {
+                    return Err(err(&key("iothread"), "the list is empty".into()));
+                }
+                for (i, name) in names.iter().enumerate() {
+                    let ok = !name.is_empty()
+                        && name.len() <= 15
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                    if !ok {
+                        return Err(err(
+                            &key("iothread"),
+                            format!("`{name}`: use 1 to 15 letters, digits, `-` or `_`"),
+                        ));
+                    }
+                    if names[..i].contains(name) {
+                        return Err(err(&key("iothread"), format!("`{name}` is listed twice")));
+                    }
+                }
+                let queues = d.num_queues.unwrap_or(1);
+                if names.len() > usize::from(queues) {
                     return Err(err(
                         &key("iothread"),
-                        format!("`{name}`: use 1 to 15 letters, digits, `-` or `_`"),
+                        format!(
+                            "{} threads for {queues} queue(s): list at most one per queue (num_queues)",
+                            names.len()
+                        ),
                     ));
                 }
             }

@@ -166,7 +166,7 @@ pub struct Wiring<'a> {
     pub pci: &'a mut PciSegment,
     /// The port I/O bus, for legacy-mode IDE ports.
     pub pio: &'a RwLock<Bus>,
-    /// Named I/O threads (`iothread = "NAME"`), made on first use and shared
+    /// Named I/O threads (`iothread = "NAME"` or a list), made on first use and shared
     /// by every disk that names them.
     pub io_threads: HashMap<String, Arc<IoThread>>,
 }
@@ -322,20 +322,25 @@ fn attach_virtio_blk(d: OpenedDisk, w: &mut Wiring) -> Result<(), AttachError> {
         id: id.clone(),
         source,
     })?;
-    if let Some(name) = &c.iothread {
-        let thread = match w.io_threads.get(name) {
-            Some(t) => t.clone(),
-            None => {
-                let t = Arc::new(IoThread::new(name).map_err(|source| AttachError::IoThread {
-                    id: id.clone(),
-                    name: name.clone(),
-                    source,
-                })?);
-                w.io_threads.insert(name.clone(), t.clone());
-                t
-            }
-        };
-        blk.set_io_thread(thread);
+    if let Some(names) = &c.iothread {
+        let mut threads = Vec::with_capacity(names.0.len());
+        for name in &names.0 {
+            let thread = match w.io_threads.get(name) {
+                Some(t) => t.clone(),
+                None => {
+                    let t =
+                        Arc::new(IoThread::new(name).map_err(|source| AttachError::IoThread {
+                            id: id.clone(),
+                            name: name.clone(),
+                            source,
+                        })?);
+                    w.io_threads.insert(name.clone(), t.clone());
+                    t
+                }
+            };
+            threads.push(thread);
+        }
+        blk.set_io_threads(threads);
     }
     let router = KvmMsiRouter::new(w.vm, w.gsi.clone(), vectors).map_err(|source| {
         AttachError::Interrupts {

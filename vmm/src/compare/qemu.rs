@@ -248,10 +248,13 @@ pub fn args(cfg: &Config, subjects: &[Subject], cmdline: &str) -> Result<Vec<Str
         .iter()
         .enumerate()
         .map(|(n, d)| {
+            // QEMU 7.2 (Debian 12) has no per-queue mapping (iothread-vq-mapping came in
+            // 9.0, through JSON -device only): a list gives QEMU its first thread.
             has_iothread(d.controller).then(|| {
                 d.iothread
-                    .as_deref()
-                    .map_or_else(|| own_iothread(n), named_iothread)
+                    .as_ref()
+                    .and_then(|t| t.0.first())
+                    .map_or_else(|| own_iothread(n), |t| named_iothread(t))
             })
         })
         .collect();

@@ -101,6 +101,15 @@ fn wrong_type_names_the_key() {
 }
 
 #[test]
+fn iothread_of_the_wrong_type_names_the_key() {
+    for v in ["5", "[\"a\", 2]"] {
+        let e = parse(&format!("{GOOD}{DISK}iothread = {v}\n")).unwrap_err();
+        assert!(e.key.contains("iothread"), "{v}: {e}");
+        assert!(e.message.contains("a thread name or a list"), "{v}: {e}");
+    }
+}
+
+#[test]
 fn syntax_error_names_the_line() {
     let e = parse("[machine\nvcpus = 1").unwrap_err();
     assert!(e.key.contains("line 1"), "{e}");
@@ -297,6 +306,11 @@ fn disk_ranges_are_checked() {
 fn iothread_and_block_sizes_per_controller() {
     let ok = [
         (DISK.to_string(), "iothread = \"io-0_a\""),
+        (DISK.to_string(), "iothread = [\"io0\"]"),
+        (
+            DISK.to_string(),
+            "num_queues = 4\niothread = [\"io0\", \"io1\"]",
+        ),
         (
             DISK.to_string(),
             "logical_block_size = 4096\nphysical_block_size = 4096",
@@ -313,6 +327,13 @@ fn iothread_and_block_sizes_per_controller() {
     let bad = [
         (DISK.to_string(), "iothread = \"a b\"", "iothread"),
         (DISK.to_string(), "iothread = \"\"", "iothread"),
+        (DISK.to_string(), "iothread = []", "iothread"),
+        (
+            DISK.to_string(),
+            "num_queues = 2\niothread = [\"a\", \"a\"]",
+            "iothread",
+        ),
+        (DISK.to_string(), "iothread = [\"a\", \"b\"]", "iothread"),
         (
             DISK.to_string(),
             "iothread = \"sixteen-chars-xx\"",

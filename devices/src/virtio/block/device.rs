@@ -18,6 +18,10 @@
 //!            ▲                                  │
 //!            └──────── reset: thread drains ◀───┘
 //! ```
+//!
+//! With several I/O threads (`set_io_threads`), queue `i` is served on thread `i mod n`, as
+//! QEMU's iothread-vq-mapping does round robin: one worker per thread that got queues, the
+//! disk shared between them (`port.rs`), and back in one piece at reset.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +29,7 @@ use std::sync::Arc;
 use platter_block::Disk;
 use vm_memory::GuestMemoryMmap;
 
+use super::port::{DiskPort, SharedPort};
 use super::worker::Worker;
 use super::{features as blk, BlkConfig, BlkConfigError, Limits, ID_BYTES, SECTOR_SIZE};
 use crate::virtio::io_thread::IoThread;
@@ -45,11 +50,12 @@ const MAX_RANGE_SEGS: u32 = 32;
 pub struct VirtioBlk {
     /// Here while idle; the I/O thread holds it while running.
     disk: Option<Disk>,
-    /// The thread that serves the queues: shared when the config names one,
-    /// else made at the first activation and kept for the device's life.
-    io_thread: Option<Arc<IoThread>>,
-    /// Slot of the running worker in `io_thread`.
-    attached: Option<usize>,
+    /// The threads that serve the queues: named in the config (maybe shared with
+    /// other devices), else one made at the first activation and kept for the
+    /// device's life.
+    io_threads: Vec<Arc<IoThread>>,
+    /// Running workers: (index in `io_threads`, slot in that thread).
+    attached: Vec<(usize, usize)>,
     features: u64,
     num_queues: u16,
     queue_size: u16,
@@ -139,8 +145,8 @@ impl VirtioBlk {
         let initial_wce = disk.wce();
         Ok(Self {
             disk: Some(disk),
-            io_thread: None,
-            attached: None,
+            io_threads: Vec::new(),
+            attached: Vec::new(),
             features,
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
@@ -161,25 +167,66 @@ impl VirtioBlk {
     /// Serve the queues on `thread` (shared with other devices) instead of a
     /// thread of the device's own.
     pub fn set_io_thread(&mut self, thread: Arc<IoThread>) {
-        self.io_thread = Some(thread);
+        self.set_io_threads(vec![thread]);
     }
 
-    /// Take the queues back from the I/O thread once their requests are done;
+    /// Serve queue `i` on `threads[i % threads.len()]` (each maybe shared with
+    /// other devices); an empty list means a thread of the device's own.
+    pub fn set_io_threads(&mut self, threads: Vec<Arc<IoThread>>) {
+        self.io_threads = threads;
+    }
+
+    /// Take the queues back from the I/O threads once their requests are done;
     /// with `within`, give up waiting after it (the disk is then lost).
     fn stop_thread(&mut self, within: Option<std::time::Duration>) {
-        let (Some(slot), Some(t)) = (self.attached.take(), &self.io_thread) else {
-            return;
-        };
-        match t
-            .detach(slot, within)
-            .map(|w| w.into_any().downcast::<Worker>())
-        {
-            Some(Ok(w)) => self.disk = Some(w.into_disk()),
-            _ => log::error!(
-                "virtio-blk: the I/O thread {} did not give the disk back",
-                t.name()
-            ),
+        let ports = self.detach_all(within);
+        self.take_back(ports);
+    }
+
+    /// Detach every running worker, waiting for its requests (at most `within`).
+    fn detach_all(&mut self, within: Option<std::time::Duration>) -> Vec<DiskPort> {
+        let mut ports = Vec::new();
+        for (t, slot) in std::mem::take(&mut self.attached) {
+            let t = &self.io_threads[t];
+            match t
+                .detach(slot, within)
+                .map(|w| w.into_any().downcast::<Worker>())
+            {
+                Some(Ok(w)) => ports.push(w.into_port()),
+                _ => log::error!(
+                    "virtio-blk: the I/O thread {} did not give the disk back",
+                    t.name()
+                ),
+            }
         }
+        ports
+    }
+
+    /// Put the disk back together from the ports of the workers that had it.
+    fn take_back(&mut self, ports: Vec<DiskPort>) {
+        let mut shared = Vec::new();
+        for p in ports {
+            match p {
+                DiskPort::Own(d) => self.disk = Some(d),
+                DiskPort::Shared(p) => shared.push(p),
+            }
+        }
+        if !shared.is_empty() {
+            self.disk = SharedPort::join(shared);
+            if self.disk.is_none() {
+                log::error!("virtio-blk: a worker kept its share of the disk");
+            }
+        }
+    }
+
+    /// Which of `io_threads` serves each queue (by position in `queues`); made here when
+    /// the config named none.
+    fn placement(&mut self, queues: &[VirtQueue]) -> std::io::Result<Vec<usize>> {
+        if self.io_threads.is_empty() {
+            self.io_threads.push(Arc::new(IoThread::new("virtio-blk")?));
+        }
+        let n = self.io_threads.len();
+        Ok(queues.iter().map(|q| usize::from(q.index) % n).collect())
     }
 }
 
@@ -249,27 +296,64 @@ impl VirtioDevice for VirtioBlk {
         let mut limits = self.limits.clone();
         limits.discard &= features & blk::DISCARD != 0;
         limits.write_zeroes &= features & blk::WRITE_ZEROES != 0;
-        let worker = Worker::new(disk, mem, queues, interrupt, limits, self.wce.clone());
-        let thread = match &self.io_thread {
-            Some(t) => t.clone(),
-            None => match IoThread::new("virtio-blk") {
-                Ok(t) => self.io_thread.insert(Arc::new(t)).clone(),
-                Err(e) => {
-                    self.disk = Some(worker.into_disk());
+        let place = match self.placement(&queues) {
+            Ok(p) => p,
+            Err(e) => {
+                self.disk = Some(disk);
+                return Err(ActivateError::Io(e));
+            }
+        };
+        // One worker per thread that serves at least one queue.
+        let mut groups: Vec<(usize, Vec<VirtQueue>)> = Vec::new();
+        for (q, t) in queues.into_iter().zip(place) {
+            match groups.iter_mut().find(|(g, _)| *g == t) {
+                Some((_, qs)) => qs.push(q),
+                None => groups.push((t, vec![q])),
+            }
+        }
+        let ports = if groups.len() == 1 {
+            vec![DiskPort::Own(disk)]
+        } else {
+            match SharedPort::split(disk, groups.len()) {
+                Ok(p) => p.into_iter().map(DiskPort::Shared).collect(),
+                Err((e, disk)) => {
+                    self.disk = Some(disk);
                     return Err(ActivateError::Io(e));
                 }
-            },
-        };
-        match thread.attach(Box::new(worker)) {
-            Ok(slot) => {
-                self.attached = Some(slot);
-                Ok(())
             }
-            Err(err) => {
-                let (e, work) = *err;
-                self.disk = work
-                    .and_then(|w| w.into_any().downcast::<Worker>().ok())
-                    .map(|w| w.into_disk());
+        };
+        let mut left = Vec::new();
+        let mut failed = None;
+        for ((t, qs), port) in groups.into_iter().zip(ports) {
+            let worker = Worker::new(
+                port,
+                mem.clone(),
+                qs,
+                interrupt.clone(),
+                limits.clone(),
+                self.wce.clone(),
+            );
+            if failed.is_some() {
+                left.push(worker.into_port());
+                continue;
+            }
+            match self.io_threads[t].attach(Box::new(worker)) {
+                Ok(slot) => self.attached.push((t, slot)),
+                Err(err) => {
+                    let (e, work) = *err;
+                    if let Some(w) = work.and_then(|w| w.into_any().downcast::<Worker>().ok()) {
+                        left.push(w.into_port());
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                // Nothing was served yet: take back what started and what did not.
+                left.extend(self.detach_all(None));
+                self.take_back(left);
                 Err(ActivateError::Io(e))
             }
         }

@@ -9,6 +9,7 @@
 //! ```
 
 mod device;
+mod port;
 mod request;
 mod worker;
 

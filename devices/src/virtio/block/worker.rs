@@ -25,10 +25,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use platter_block::{BlockError, Disk, Request, RequestOp};
+use platter_block::{BlockError, Request, RequestOp};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::port::DiskPort;
 use super::request::{parse, Parsed};
 use super::{blk_status, Limits};
 use crate::virtio::io_thread::IoWork;
@@ -55,7 +56,7 @@ struct InFlight {
 
 /// Queues, disk and the requests between them.
 pub(super) struct Worker {
-    disk: Disk,
+    disk: DiskPort,
     mem: GuestMemoryMmap,
     queues: Vec<ActiveQueue>,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -69,7 +70,7 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn new(
-        disk: Disk,
+        disk: DiskPort,
         mem: GuestMemoryMmap,
         queues: Vec<VirtQueue>,
         interrupt: Arc<dyn VirtioInterrupt>,
@@ -102,8 +103,9 @@ impl Worker {
         self.inflight.len() - self.free.len()
     }
 
-    /// Give the disk back, with nothing of the guest's in flight.
-    pub(super) fn into_disk(self) -> Disk {
+    /// Give the disk (or this worker's port to it) back, with nothing of the guest's in
+    /// flight.
+    pub(super) fn into_port(self) -> DiskPort {
         self.disk
     }
 
@@ -340,7 +342,7 @@ impl Worker {
     /// Collect completions of a draining worker; true once the disk has
     /// nothing in flight.
     fn poll_drained(&mut self) -> bool {
-        let _ = self.disk.completions().count();
+        let _ = self.disk.completions();
         if self.disk.in_flight() > 0 {
             return false;
         }
@@ -366,7 +368,11 @@ impl IoWork for Worker {
     }
 
     fn drain_fds(&self) -> Vec<(RawFd, u8)> {
-        vec![(self.disk.completion_fd().as_raw_fd(), COMPLETION)]
+        self.disk
+            .completion_fds()
+            .into_iter()
+            .map(|fd| (fd, COMPLETION))
+            .collect()
     }
 
     fn start(&mut self) {

@@ -118,7 +118,14 @@ impl<'a> Rig<'a> {
             queue,
             notify: EventFd::new(EFD_NONBLOCK).unwrap(),
         };
-        let worker = Worker::new(disk, mem.clone(), vec![vq], irq.clone(), limits, wce);
+        let worker = Worker::new(
+            super::port::DiskPort::Own(disk),
+            mem.clone(),
+            vec![vq],
+            irq.clone(),
+            limits,
+            wce,
+        );
         mem.write_obj(UNTOUCHED, GuestAddress(STATUS)).unwrap();
         Self {
             mem,
@@ -687,6 +694,160 @@ fn two_devices_share_one_io_thread_and_reset_independently() {
     drop(b);
     // The devices hold the thread too; with them gone this is the last handle.
     assert_eq!(Arc::strong_count(&thread), 1);
+}
+
+/// An I/O work that blocks its thread in `on_event` until told to go on.
+struct Blocker {
+    kick: EventFd,
+    go: std::sync::mpsc::Receiver<()>,
+}
+
+impl crate::virtio::io_thread::IoWork for Blocker {
+    fn serve_fds(&self) -> Vec<(std::os::fd::RawFd, u8)> {
+        use std::os::fd::AsRawFd;
+        vec![(self.kick.as_raw_fd(), 0)]
+    }
+    fn drain_fds(&self) -> Vec<(std::os::fd::RawFd, u8)> {
+        Vec::new()
+    }
+    fn start(&mut self) {}
+    fn on_event(&mut self, _local: u8) {
+        let _ = self.kick.read();
+        let _ = self.go.recv();
+    }
+    fn after_batch(&mut self) {}
+    fn begin_drain(&mut self) {}
+    fn poll_drained(&mut self) -> bool {
+        true
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+/// Two queues on two I/O threads (`iothread = ["a", "b"]`): each queue is served by its
+/// own thread, so queue 1 goes on while queue 0's thread is stuck; data written through
+/// one queue reads back through the other; a reset puts the disk back together for the
+/// next activation.
+#[test]
+fn queues_spread_over_io_threads() {
+    let mem = memory();
+    let threads: Vec<_> = ["vq-a", "vq-b"]
+        .iter()
+        .map(|n| Arc::new(crate::virtio::IoThread::new(n).unwrap()))
+        .collect();
+    let (_f, d) = disk(false);
+    let cfg = BlkConfig {
+        num_queues: 2,
+        ..blk_config()
+    };
+    let mut blk = VirtioBlk::new(d, cfg).unwrap();
+    blk.set_io_threads(threads.clone());
+    let irq = Arc::new(MockInterrupt::default());
+    let mocks = [
+        MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE),
+        MockSplitQueue::create(&mem, GuestAddress(0x8000), QUEUE_SIZE),
+    ];
+    let mut kicks = Vec::new();
+    let vqs = mocks
+        .iter()
+        .zip(0u16..)
+        .map(|(m, index)| {
+            let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+            kicks.push(notify.try_clone().unwrap());
+            VirtQueue {
+                index,
+                queue: m.create_queue().unwrap(),
+                notify,
+            }
+        })
+        .collect();
+    blk.activate(mem.clone(), blk.features(), vqs, irq.clone())
+        .unwrap();
+
+    // Stop thread a (queue 0) inside another work's event.
+    let (go, wait) = std::sync::mpsc::channel();
+    let stuck = EventFd::new(EFD_NONBLOCK).unwrap();
+    let blocker = Blocker {
+        kick: stuck.try_clone().unwrap(),
+        go: wait,
+    };
+    let Ok(blocker_slot) = threads[0].attach(Box::new(blocker)) else {
+        panic!("cannot attach the blocker");
+    };
+    stuck.write(1).unwrap();
+
+    let data = pattern(4096, 5);
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    mem.write_obj(UNTOUCHED, GuestAddress(STATUS)).unwrap();
+    mem.write_obj(UNTOUCHED, GuestAddress(STATUS + 1)).unwrap();
+    // A chain in descriptors at, at+1, at+2.
+    let chain = |at: u16, hdr: u64, data: u64, flags: u16, status: u64| {
+        [
+            RawDescriptor::from(SplitDescriptor::new(hdr, 16, F_NEXT, at + 1)),
+            RawDescriptor::from(SplitDescriptor::new(data, 4096, flags | F_NEXT, at + 2)),
+            RawDescriptor::from(SplitDescriptor::new(status, 1, F_WRITE, 0)),
+        ]
+    };
+    // Queue 0: a write of sector 16, which thread a cannot take yet.
+    header(&mem, req_type::OUT, 16);
+    mocks[0]
+        .add_desc_chains(&chain(0, HEADER, DATA, 0, STATUS), 0)
+        .unwrap();
+    kicks[0].write(1).unwrap();
+    // Queue 1: a write of sector 48 through thread b, done while a is stuck.
+    let hdr2 = HEADER + 0x100;
+    mem.write_obj(req_type::OUT, GuestAddress(hdr2)).unwrap();
+    mem.write_obj(0u32, GuestAddress(hdr2 + 4)).unwrap();
+    mem.write_obj(48u64, GuestAddress(hdr2 + 8)).unwrap();
+    mocks[1]
+        .add_desc_chains(&chain(0, hdr2, DATA, 0, STATUS + 1), 0)
+        .unwrap();
+    kicks[1].write(1).unwrap();
+    wait_used(&mocks[1], 1);
+    assert_eq!(read_mem(&mem, STATUS + 1, 1), [OK]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        mocks[0].used().idx().load(),
+        0,
+        "queue 0 served by thread b"
+    );
+    assert_eq!(read_mem(&mem, STATUS, 1), [UNTOUCHED]);
+
+    go.send(()).unwrap();
+    wait_used(&mocks[0], 1);
+    assert_eq!(read_mem(&mem, STATUS, 1), [OK]);
+    assert!(threads[0].detach(blocker_slot, None).is_some());
+
+    // Read sector 16 (written through queue 0) back through queue 1.
+    mem.write_obj(req_type::IN, GuestAddress(hdr2)).unwrap();
+    mem.write_obj(16u64, GuestAddress(hdr2 + 8)).unwrap();
+    mocks[1]
+        .add_desc_chains(&chain(3, hdr2, DATA2, F_WRITE, STATUS + 1), 3)
+        .unwrap();
+    kicks[1].write(1).unwrap();
+    wait_used(&mocks[1], 2);
+    assert_eq!(read_mem(&mem, STATUS + 1, 1), [OK]);
+    assert!(
+        read_mem(&mem, DATA2, 4096) == data,
+        "sector 16 read back wrong"
+    );
+
+    // Reset joins the disk again: one queue, its own thread list unchanged, sector 48 reads.
+    blk.reset();
+    let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), QUEUE_SIZE);
+    header(&mem, req_type::IN, 48);
+    mem.write_slice(&[0u8; 4096], GuestAddress(DATA2)).unwrap();
+    mock.add_desc_chains(&chain(0, HEADER, DATA2, F_WRITE, STATUS), 0)
+        .unwrap();
+    let _kick = activate_on(&mut blk, &mem, &mock, 0, irq.clone());
+    wait_used(&mock, 1);
+    assert!(
+        read_mem(&mem, DATA2, 4096) == data,
+        "sector 48 read back wrong"
+    );
+    blk.reset();
+    assert!(!irq.needs_reset.load(Ordering::SeqCst));
 }
 
 #[test]
