@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 /// One job's result.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Sample {
     /// Read + write I/Os per second.
     pub iops: f64,
@@ -48,6 +48,28 @@ pub struct Report {
     pub failures: Vec<String>,
     /// Whether the guest's init reached its end and reported a status.
     pub exit: Option<i32>,
+}
+
+/// One report of several boots of the same VMM: for each (disk, job), the run with the
+/// median IOPS (the upper one of an even count), with that run's other numbers. Failures
+/// and the exit status are those of the last boot (earlier failed boots stop the compare).
+pub fn median(runs: Vec<Report>) -> Report {
+    let mut all: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
+    let mut last = Report::default();
+    for r in runs {
+        for (k, s) in &r.samples {
+            all.entry(k.clone()).or_default().push(*s);
+        }
+        last = r;
+    }
+    last.samples = all
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            (k, v[v.len() / 2])
+        })
+        .collect();
+    last
 }
 
 /// (bandwidth, IOPS, runtime ms, mean completion latency) fields per side.
@@ -125,6 +147,31 @@ pub fn parse_console(text: &str) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_keeps_each_jobs_middle_run() {
+        let run = |a: f64, b: f64| {
+            let mut r = Report::default();
+            for (job, iops) in [("j1", a), ("j2", b)] {
+                let s = Sample {
+                    iops,
+                    bw_kib: iops * 4.0,
+                    ..Default::default()
+                };
+                r.samples.insert(("s".into(), job.into()), s);
+            }
+            r.exit = Some(0);
+            r
+        };
+        let m = median(vec![run(10.0, 7.0), run(30.0, 5.0), run(20.0, 9.0)]);
+        let get = |job: &str| m.samples[&("s".to_string(), job.to_string())];
+        assert_eq!(get("j1").iops, 20.0);
+        assert_eq!(get("j1").bw_kib, 80.0, "the median run's own numbers");
+        assert_eq!(get("j2").iops, 7.0);
+        assert_eq!(m.exit, Some(0));
+        let one = median(vec![run(1.0, 2.0)]);
+        assert_eq!(one.samples.len(), 2);
+    }
 
     /// A real fio 3.33 line (randread, 4k, depth 1), cut to 57 fields as the
     /// guest script does.

@@ -64,6 +64,12 @@ pub struct CompareArgs {
     #[arg(long, value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub runtime: u32,
+    /// Boot each VMM this many times, alternating (Platter, QEMU, Platter, ...), and
+    /// report each job's median run: on a shared or nested host one boot's numbers swing
+    /// by up to 2x against the next.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub rounds: u32,
     /// Also boot the guest under QEMU (auto: when qemu-system-x86_64 is on PATH).
     #[arg(long, value_enum, default_value_t = QemuMode::Auto)]
     pub qemu: QemuMode,
@@ -142,6 +148,7 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
         size: plan.size,
         in_rig: in_rig(),
         exits: kvm_stats::available(Path::new(kvm_stats::KVM_DEBUGFS)),
+        rounds: args.rounds,
     };
     let runs: usize = plan
         .subjects
@@ -165,16 +172,29 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
         .filter(|s| plan::on_9p(&s.disk.path))
         .map(|s| s.disk.id.as_str())
         .collect();
-    let platter = boot_and_measure("platter", platter_command(&args, &plan)?, &plan)?;
-    let qemu = match &plan.qemu {
-        Some((bin, qargs)) => {
+    let mut platter_runs = Vec::new();
+    let mut qemu_runs = Vec::new();
+    for round in 1..=args.rounds {
+        if round > 1 {
+            eprintln!(
+                "platter compare: round {round} of {}: booting under Platter",
+                args.rounds
+            );
+        }
+        platter_runs.push(boot_and_measure(
+            "platter",
+            platter_command(&args, &plan)?,
+            &plan,
+        )?);
+        if let Some((bin, qargs)) = &plan.qemu {
             eprintln!("platter compare: booting the same guest under QEMU");
             let mut c = Command::new(bin);
             c.args(qargs);
-            Some(boot_and_measure("qemu", c, &plan)?)
+            qemu_runs.push(boot_and_measure("qemu", c, &plan)?);
         }
-        None => None,
-    };
+    }
+    let platter = fio::median(platter_runs);
+    let qemu = plan.qemu.as_ref().map(|_| fio::median(qemu_runs));
     let disks = results::collect(&plan.subjects, &plan.jobs, &platter, qemu.as_ref());
     print!("{}", table::header(&info, qemu.is_some()));
     if !on_9p.is_empty() {
@@ -428,6 +448,7 @@ fn rig_args(args: &CompareArgs) -> Vec<String> {
     a.push(format!("--jobs={}", args.jobs));
     a.push(format!("--size={}", args.size));
     a.push(format!("--runtime={}", args.runtime));
+    a.push(format!("--rounds={}", args.rounds));
     let qemu = match args.qemu {
         QemuMode::Auto => "auto",
         QemuMode::Always => "always",
@@ -476,7 +497,7 @@ fn to_rig(args: &CompareArgs, why: &str, per_boot: Duration) -> Error {
             ));
         }
     }
-    let timeout = 2 * per_boot.as_secs() + RIG_ALLOWANCE_S;
+    let timeout = 2 * u64::from(args.rounds) * per_boot.as_secs() + RIG_ALLOWANCE_S;
     let mut cmd = crate::rig::command(&script, &rig_args(args));
     cmd.splice(1..1, ["--timeout".to_string(), timeout.to_string()]);
     eprintln!(

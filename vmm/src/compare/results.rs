@@ -198,6 +198,8 @@ pub struct RunInfo {
     pub in_rig: bool,
     /// Whether KVM's per-VM exit counters could be read (exits per I/O).
     pub exits: bool,
+    /// Boots per VMM; each number is the median run's.
+    pub rounds: u32,
 }
 
 /// JSON text of the results (no dependency: the shapes are fixed).
@@ -218,10 +220,11 @@ pub fn to_json(info: &RunInfo, disks: &[DiskResult]) -> String {
     }
     };
     let mut out = format!(
-        "{{\n  \"config\": {},\n  \"runtime_s\": {},\n  \"size_bytes\": {},\n  \"in_rig\": {},\n  \"exit_counts\": {},\n  \"disks\": [",
+        "{{\n  \"config\": {},\n  \"runtime_s\": {},\n  \"size_bytes\": {},\n  \"rounds\": {},\n  \"in_rig\": {},\n  \"exit_counts\": {},\n  \"disks\": [",
         quote(&info.config),
         info.runtime,
         info.size,
+        info.rounds,
         info.in_rig,
         info.exits
     );
@@ -368,6 +371,7 @@ pub(super) mod tests {
             size: 1 << 20,
             in_rig: true,
             exits: true,
+            rounds: 3,
         };
         let mut d = disk("a", &[("r", 2.5, Some(1.0)), ("w", 1.0, None)]);
         d.jobs[0].platter.as_mut().unwrap().exits_per_io = Some(12.25);

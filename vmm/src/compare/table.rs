@@ -37,7 +37,14 @@ pub fn header(info: &RunInfo, qemu: bool) -> String {
     } else {
         h += "QEMU was not run (--qemu never, or qemu-system-x86_64 not on PATH): Platter's numbers only.\n";
     }
-    h += "Numbers come from one run on this machine: only the ratios between VMMs in the same run mean something";
+    if info.rounds > 1 {
+        h += &format!(
+            "Each VMM booted {} times, alternating; each number is the median run's. Only the ratios between VMMs in the same comparison mean something",
+            info.rounds
+        );
+    } else {
+        h += "Numbers come from one run on this machine (--rounds N alternates N boots of each VMM and keeps the medians): only the ratios between VMMs in the same run mean something";
+    }
     if info.in_rig {
         h += ";\nthis ran in the nested rig, where emulation distorts every absolute number (see shared/RIG.md)";
     }
@@ -245,8 +252,20 @@ mod tests {
             size: 16 << 20,
             in_rig: true,
             exits: false,
+            rounds: 1,
         };
         let h = header(&info, true);
+        assert!(
+            header(
+                &RunInfo {
+                    rounds: 3,
+                    ..info_clone(&info)
+                },
+                true
+            )
+            .contains("booted 3 times, alternating"),
+            "{h}"
+        );
         assert!(
             h.contains("only the ratios") && h.contains("nested rig"),
             "{h}"
