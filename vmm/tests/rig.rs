@@ -489,6 +489,13 @@ fn virtio_blk_multiqueue_serves_one_queue_per_vcpu() {
     );
     assert_eq!(value(&out, "NPROC "), Some(VCPUS.to_string().as_str()));
     assert_eq!(value(&out, "MQ "), Some("2"));
+    let threads = value(&out, "THREADS ").unwrap_or_default();
+    for t in ["mq-a", "mq-b"] {
+        assert!(
+            threads.split(' ').any(|n| n == t),
+            "no I/O thread {t} in Platter: {threads}"
+        );
+    }
     // blk-mq maps each CPU to a queue of its own.
     assert_eq!(value(&out, "MQ_CPUS 0 "), Some("0"));
     assert_eq!(value(&out, "MQ_CPUS 1 "), Some("1"));

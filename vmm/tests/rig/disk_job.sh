@@ -45,8 +45,20 @@ fi
 sed -e "s|@WORK@|$work|g" -e "s|@SMALL@|$small|g" "$template" > $work/vm.toml
 
 set +e
+# Platter's thread names while it runs (I/O threads are named after the config's).
+(
+    while :; do
+        for p in /proc/[0-9]*; do
+            [ "$(cat $p/comm 2>/dev/null)" = platter ] && cat $p/task/*/comm 2>/dev/null
+        done
+        sleep 1
+    done
+) > /tmp/platter-threads.txt &
+watcher=$!
 "$platter" run $work/vm.toml --rig=never --exit-stats --disk-stats --stats-file $work/stats.json
 echo "RUN_RC $?"
+kill $watcher; wait $watcher 2>/dev/null
+echo "THREADS $(sort -u /tmp/platter-threads.txt | tr '\n' ' ')"
 # The stats file's last write: the number of disks in it, and each disk's read ops.
 echo "STATS_FILE_DISKS $(grep -o '"id":"[^"]*"' $work/stats.json | wc -l)"
 grep -o '"id":"[^"]*","stats":{"read":{"ops":[0-9]*' $work/stats.json |
