@@ -193,6 +193,21 @@ pub struct Disk {
     sync_served: usize,
 }
 
+/// Submit `ops` in order until the engine refuses one: how many went, and the refusal.
+fn submit_all(
+    engine: &mut dyn Engine,
+    ops: impl Iterator<Item = EngineOp>,
+) -> (usize, Option<BlockError>) {
+    let mut sent = 0;
+    for op in ops {
+        if let Err((e, _)) = engine.submit(op) {
+            return (sent, Some(e));
+        }
+        sent += 1;
+    }
+    (sent, None)
+}
+
 fn align_down(x: u64, a: u64) -> u64 {
     x - x % a
 }
@@ -746,27 +761,23 @@ impl Disk {
         }
         let total = sg.len();
         let dsync = write && self.dsync();
-        let mut pending = 0;
-        let mut err = None;
-        for (i, p) in parts.iter().enumerate() {
-            let iovecs = IoVecs(
-                sg.iovecs_range(p.skip, p.len)
-                    .into_iter()
-                    .map(|v| v.to_libc())
-                    .collect(),
-            );
-            let op = EngineOp {
-                id: id | (i as u64) << PART_SHIFT,
-                fd: p.fd,
-                kind: OpKind::transfer(write, p.host, iovecs, dsync),
-            };
-            if let Err((e, _)) = self.engine.submit(op) {
-                // Parts already sent keep their buffers until they complete.
-                err = Some(e);
-                break;
-            }
-            pending += 1;
-        }
+        let ops = parts.iter().enumerate().map(|(i, p)| EngineOp {
+            id: id | (i as u64) << PART_SHIFT,
+            fd: p.fd,
+            kind: OpKind::transfer(
+                write,
+                p.host,
+                IoVecs(
+                    sg.iovecs_range(p.skip, p.len)
+                        .into_iter()
+                        .map(|v| v.to_libc())
+                        .collect(),
+                ),
+                dsync,
+            ),
+        });
+        // Parts already sent keep their buffers (in the state below) until they complete.
+        let (pending, err) = submit_all(self.engine.as_mut(), ops);
         if pending == 0 {
             return self.complete(id, err.map_or(Ok(total), Err));
         }
@@ -813,34 +824,32 @@ impl Disk {
                 err: None,
             },
         );
-        let wanted = reads.len() as u32;
+        let wanted = reads.len();
         let fd = self.fd();
-        for (sent, (at, iovecs)) in (0u32..).zip(reads.into_iter().zip(iovecs)) {
-            let op = EngineOp {
-                id,
-                fd,
-                kind: OpKind::Read {
-                    offset: host_off + at,
-                    iovecs,
-                },
-            };
-            let Err((e, _)) = self.engine.submit(op) else {
-                continue;
-            };
-            if sent == 0 {
-                return self.complete(id, Err(e));
-            }
-            // The read already sent fills the bounce buffer: the request must stay (and
-            // keep the buffer) until it completes, then fails with this error.
-            if let Some(InFlight {
-                state: State::RmwRead { pending, err, .. },
-                ..
-            }) = self.inflight.get_mut(&id)
-            {
-                *pending -= wanted - sent;
-                err.get_or_insert(io::Error::other(e.to_string()));
-            }
+        let ops = reads.into_iter().zip(iovecs).map(|(at, iovecs)| EngineOp {
+            id,
+            fd,
+            kind: OpKind::Read {
+                offset: host_off + at,
+                iovecs,
+            },
+        });
+        let (sent, failed) = submit_all(self.engine.as_mut(), ops);
+        let Some(e) = failed else {
             return;
+        };
+        if sent == 0 {
+            return self.complete(id, Err(e));
+        }
+        // The read already sent fills the bounce buffer: the request must stay (and keep the
+        // buffer) until it completes, then fails with this error.
+        if let Some(InFlight {
+            state: State::RmwRead { pending, err, .. },
+            ..
+        }) = self.inflight.get_mut(&id)
+        {
+            *pending -= (wanted - sent) as u32;
+            err.get_or_insert(io::Error::other(e.to_string()));
         }
     }
 
