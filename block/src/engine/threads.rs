@@ -188,8 +188,13 @@ impl Engine for ThreadsEngine {
         let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
         q.jobs.push_back(op);
         let grow = q.jobs.len() > q.idle && self.workers.len() < self.max_threads;
+        // A busy worker looks at the queue before it waits again; only a waiting one needs
+        // the wake-up (a futex system call even with no waiter).
+        let wake = q.idle > 0;
         drop(q);
-        self.shared.work.notify_one();
+        if wake {
+            self.shared.work.notify_one();
+        }
         if grow {
             if let Err(e) = self.spawn() {
                 // The workers already running will get to the job.
