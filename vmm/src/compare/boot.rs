@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How a finished boot went.
@@ -22,6 +23,8 @@ pub struct Run {
 pub const TAIL_LINES: usize = 15;
 /// How often the wait loop looks at the child.
 const POLL: Duration = Duration::from_millis(200);
+/// How long a killed child may take to die before it is given up on.
+const UNKILLABLE: Duration = Duration::from_secs(30);
 
 /// Run `cmd` to completion or `timeout`; `progress` sees every console line,
 /// with the child's process id (to look the VMM up while it runs).
@@ -38,42 +41,68 @@ pub fn run(
     let pid = child.id();
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
+    let console = Arc::new(Mutex::new(String::new()));
+    let text = console.clone();
     let out_reader = std::thread::spawn(move || {
-        let mut text = String::new();
         let mut r = BufReader::new(stdout);
         let mut line = Vec::new();
         // Lines, not strings: the console may carry bytes that aren't UTF-8.
         while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
             let l = String::from_utf8_lossy(&line);
             progress(pid, l.trim_end());
-            text.push_str(&l);
+            if let Ok(mut t) = text.lock() {
+                t.push_str(&l);
+            }
             line.clear();
         }
-        text
     });
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let err_text = errors.clone();
     let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            if let Ok(mut t) = err_text.lock() {
+                t.extend_from_slice(&buf[..n]);
+            }
+        }
     });
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
-    let status = loop {
+    let mut status = None;
+    loop {
         if let Some(s) = child.try_wait()? {
-            break s;
+            status = s.code();
+            break;
         }
         if Instant::now() >= deadline {
             timed_out = true;
             // Our own child, by its handle.
             let _ = child.kill();
-            break child.wait()?;
+            // A VMM stuck inside the kernel (a KVM ioctl of a nested hypervisor that went
+            // wrong) cannot die: give up on it rather than wait forever.
+            let gone = Instant::now() + UNKILLABLE;
+            while child.try_wait()?.is_none() && Instant::now() < gone {
+                std::thread::sleep(POLL);
+            }
+            break;
         }
         std::thread::sleep(POLL);
-    };
+    }
+    // The readers end when the pipes close, i.e. when the child is gone; a child that is
+    // still there keeps them (and its output so far is taken as it is).
+    if !timed_out || child.try_wait()?.is_some() {
+        let _ = out_reader.join();
+        let _ = err_reader.join();
+    }
+    let console = console.lock().map(|t| t.clone()).unwrap_or_default();
+    let stderr = errors
+        .lock()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     Ok(Run {
-        status: if timed_out { None } else { status.code() },
-        console: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
+        status: if timed_out { None } else { status },
+        console,
+        stderr,
         timed_out,
     })
 }
