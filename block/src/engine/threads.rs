@@ -11,11 +11,13 @@
 //! cost 30-40 µs of wake-ups against 2 µs of copying (`scripts/bench-img.sh`, rr4k-d1
 //! writeback: 0.07x of fio psync). A read that would block, or comes back short, goes to a
 //! worker whole. Small buffered writes (not RWF_DSYNC) run on the submitting thread too, as a
-//! plain pwritev2: ext4 refuses RWF_NOWAIT for buffered writes, so one can block, in
-//! dirty-page throttling or behind a journal commit; one that takes over 1 ms sends writes to
-//! the workers for the next second, so a throttled page cache costs the device thread one
-//! stall a second at most (100k random 4 KiB writes at depth 1: 3.6-4.6 s on the workers,
-//! 1.8-2.2 s inline, qemu-img bench 4.0 s, fio psync 1.4 s). Reads and writes above
+//! plain pwritev2, when the engine is otherwise idle (the submitter would wait for that write
+//! alone; with others in flight it goes to a worker, so a deep queue keeps its writes in
+//! parallel). ext4 refuses RWF_NOWAIT for buffered writes, so one can block, in dirty-page
+//! throttling or behind a journal commit; one that takes over 1 ms sends writes to the
+//! workers for the next second, so a throttled page cache costs the device thread one stall
+//! a second at most (100k random 4 KiB writes at depth 1 on an idle host: 2.8-3.1 s on the
+//! workers, 0.30 s inline, qemu-img bench 2.3 s, fio psync 0.54 s). Reads and writes above
 //! [`INLINE_MAX`] stay on the workers: copying 1 MiB takes longer than a hand-off, and on the
 //! submitting thread the copies of a deep queue run one at a time instead of on several
 //! workers (4000 cached 1 MiB reads at depth 4: 0.25 s inline, 0.20 s on the workers,
@@ -62,22 +64,24 @@ pub struct ThreadsEngine {
     /// Try reads inline with RWF_NOWAIT (page-cache files only; cleared when the file
     /// system refuses the flag).
     inline_reads: bool,
-    /// Small buffered writes run inline (page-cache files only) unless one was slow lately.
+    /// Small buffered writes may run inline (page-cache files only)...
     inline_writes: bool,
+    /// ...except until this instant, after a slow one.
     writes_paused_until: Option<Instant>,
-    /// Reads completed inline so far.
+    /// Reads and writes completed inline so far.
     inline_done: u64,
 }
 
 impl ThreadsEngine {
     /// A pool of at most `max_threads` workers (at least one) that signal `evt` after each
-    /// completion. One worker starts at once, the others on demand. `inline_reads` lets
-    /// cached reads complete on the submitting thread; it must be false when the files are
-    /// opened with O_DIRECT, where an RWF_NOWAIT read still waits for the device.
+    /// completion. One worker starts at once, the others on demand. `page_cache` (the files
+    /// are not opened with O_DIRECT) lets cached reads and small buffered writes complete on
+    /// the submitting thread; it must be false with O_DIRECT, where an RWF_NOWAIT read still
+    /// waits for the device and no write is a copy into memory.
     pub fn new(
         evt: EventFd,
         max_threads: usize,
-        inline_reads: bool,
+        page_cache: bool,
     ) -> Result<ThreadsEngine, BlockError> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -93,8 +97,8 @@ impl ThreadsEngine {
             shared,
             workers: Vec::new(),
             max_threads: max_threads.max(1),
-            inline_reads,
-            inline_writes: inline_reads,
+            inline_reads: page_cache,
+            inline_writes: page_cache,
             writes_paused_until: None,
             inline_done: 0,
         };
@@ -117,16 +121,21 @@ impl ThreadsEngine {
         self.workers.len()
     }
 
-    /// Reads that completed on the submitting thread.
+    /// Reads and writes that completed on the submitting thread.
     pub fn inline_completions(&self) -> u64 {
         self.inline_done
     }
 
-    /// Complete `op` here if it is a read whose data is all in the page cache. Returns the
-    /// operation back when a worker has to do it.
+    /// Complete `op` here if it is a small read whose data is all in the page cache, or a
+    /// small buffered write (`try_inline_write`). Returns the operation back when a worker
+    /// has to do it.
     fn try_inline(&mut self, op: EngineOp) -> Option<EngineOp> {
         let (offset, iovecs) = match &op.kind {
-            OpKind::Read { offset, iovecs } if self.inline_reads => (offset, iovecs),
+            OpKind::Read { offset, iovecs }
+                if self.inline_reads && iovecs.total() <= INLINE_MAX =>
+            {
+                (offset, iovecs)
+            }
             OpKind::Write {
                 iovecs,
                 dsync: false,
@@ -136,9 +145,6 @@ impl ThreadsEngine {
             }
             _ => return Some(op),
         };
-        if iovecs.total() > INLINE_MAX {
-            return Some(op);
-        }
         let ret = iovecs.preadv2(op.fd, *offset, libc::RWF_NOWAIT);
         if ret < 0 {
             let err = std::io::Error::last_os_error();
@@ -315,11 +321,11 @@ mod tests {
         }
     }
 
-    fn engine(threads: usize, inline_reads: bool) -> ThreadsEngine {
+    fn engine(threads: usize, page_cache: bool) -> ThreadsEngine {
         ThreadsEngine::new(
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             threads,
-            inline_reads,
+            page_cache,
         )
         .unwrap()
     }
