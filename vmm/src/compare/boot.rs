@@ -100,7 +100,8 @@ pub fn run(
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     Ok(Run {
-        status: if timed_out { None } else { status },
+        // Set only when the child exited by itself before its time ran out.
+        status,
         console,
         stderr,
         timed_out,

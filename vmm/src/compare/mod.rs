@@ -181,8 +181,7 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
                 args.rounds
             );
         }
-        let r = measure_round(&args, &plan, &mut platter_runs, &mut qemu_runs);
-        match r {
+        match measure_round(&args, &plan, &mut platter_runs, &mut qemu_runs) {
             Ok(()) => {}
             // The first round must succeed; a later failure (a guest lost to the host, as
             // the nested rig sometimes does) costs only its own round.

@@ -164,12 +164,6 @@ impl VirtioBlk {
         (disk, self.limits.clone(), self.wce.clone())
     }
 
-    /// Serve the queues on `thread` (shared with other devices) instead of a
-    /// thread of the device's own.
-    pub fn set_io_thread(&mut self, thread: Arc<IoThread>) {
-        self.set_io_threads(vec![thread]);
-    }
-
     /// Serve queue `i` on `threads[i % threads.len()]` (each maybe shared with
     /// other devices); an empty list means a thread of the device's own.
     pub fn set_io_threads(&mut self, threads: Vec<Arc<IoThread>>) {

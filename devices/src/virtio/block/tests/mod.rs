@@ -647,8 +647,8 @@ fn two_devices_share_one_io_thread_and_reset_independently() {
     let (_f2, d2) = disk(false);
     let mut a = VirtioBlk::new(d1, blk_config()).unwrap();
     let mut b = VirtioBlk::new(d2, blk_config()).unwrap();
-    a.set_io_thread(thread.clone());
-    b.set_io_thread(thread.clone());
+    a.set_io_threads(vec![thread.clone()]);
+    b.set_io_threads(vec![thread.clone()]);
     // Rings of the two devices at different places; each device its own status byte.
     let mock_a = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE);
     let mock_b = MockSplitQueue::create(&mem, GuestAddress(0x8000), QUEUE_SIZE);
