@@ -27,6 +27,10 @@ pub struct Sample {
     pub exits_per_io: Option<f64>,
     /// Of those, port I/O and MMIO exits (the device's registers).
     pub pio_mmio_per_io: Option<f64>,
+    /// Interrupts injected per I/O (how well completions are batched).
+    pub irqs_per_io: Option<f64>,
+    /// HLT exits per I/O (how often the vCPU sat waiting).
+    pub halts_per_io: Option<f64>,
 }
 
 impl Sample {
@@ -35,6 +39,8 @@ impl Sample {
         if self.ios > 0.0 {
             self.exits_per_io = Some(c.exits as f64 / self.ios);
             self.pio_mmio_per_io = Some((c.io_exits + c.mmio_exits) as f64 / self.ios);
+            self.irqs_per_io = Some(c.irq_injections as f64 / self.ios);
+            self.halts_per_io = Some(c.halt_exits as f64 / self.ios);
         }
     }
 }
@@ -115,6 +121,8 @@ pub fn parse_terse(line: &str) -> Result<(String, Sample), String> {
             ios: ((riops * rms + wiops * wms) / 1000.0).round(),
             exits_per_io: None,
             pio_mmio_per_io: None,
+            irqs_per_io: None,
+            halts_per_io: None,
         },
     ))
 }
@@ -209,8 +217,11 @@ mod tests {
             exits: 81148,
             io_exits: 40574,
             mmio_exits: 0,
+            irq_injections: 20287,
+            halt_exits: 40574,
         });
         assert_eq!((s.exits_per_io, s.pio_mmio_per_io), (Some(2.0), Some(1.0)));
+        assert_eq!((s.irqs_per_io, s.halts_per_io), (Some(0.5), Some(1.0)));
     }
 
     #[test]

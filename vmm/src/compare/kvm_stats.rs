@@ -4,7 +4,8 @@
 //! after the task that created the VM and the VM's file descriptor; its
 //! files hold the VM's statistics, the per-vCPU counters summed over the
 //! vCPUs (Linux 6.1, arch/x86/kvm/x86.c, `kvm_vcpu_stats_desc`): `exits`,
-//! `io_exits` (port I/O), `mmio_exits` (MMIO handed to user space), ...
+//! `io_exits` (port I/O), `mmio_exits` (MMIO handed to user space),
+//! `irq_injections`, `halt_exits`, ...
 //! It needs root and a mounted debugfs; the rig's L1 has both
 //! (guests/l1-init).
 //!
@@ -37,6 +38,11 @@ pub struct Counts {
     pub io_exits: u64,
     /// MMIO exits that reached user space.
     pub mmio_exits: u64,
+    /// Interrupts injected into the vCPUs (a device's completions cost at
+    /// least an injection and, without APIC virtualization, an EOI exit).
+    pub irq_injections: u64,
+    /// HLT exits: the vCPU had nothing to do, typically waiting for I/O.
+    pub halt_exits: u64,
 }
 
 impl Counts {
@@ -46,6 +52,8 @@ impl Counts {
             exits: self.exits.saturating_sub(earlier.exits),
             io_exits: self.io_exits.saturating_sub(earlier.io_exits),
             mmio_exits: self.mmio_exits.saturating_sub(earlier.mmio_exits),
+            irq_injections: self.irq_injections.saturating_sub(earlier.irq_injections),
+            halt_exits: self.halt_exits.saturating_sub(earlier.halt_exits),
         }
     }
 }
@@ -94,6 +102,8 @@ pub fn read(root: &Path, ids: &[u32]) -> Option<Counts> {
         sum.exits += n("exits")?;
         sum.io_exits += n("io_exits")?;
         sum.mmio_exits += n("mmio_exits")?;
+        sum.irq_injections += n("irq_injections")?;
+        sum.halt_exits += n("halt_exits")?;
     }
     Some(sum)
 }
@@ -143,10 +153,15 @@ mod tests {
     fn vm(root: &Path, name: &str, exits: u64, io: u64, mmio: u64) {
         let d = root.join(name);
         std::fs::create_dir_all(d.join("vcpu0")).unwrap();
-        for (f, v) in [("exits", exits), ("io_exits", io), ("mmio_exits", mmio)] {
+        for (f, v) in [
+            ("exits", exits),
+            ("io_exits", io),
+            ("mmio_exits", mmio),
+            ("irq_injections", exits / 4),
+            ("halt_exits", exits / 10),
+        ] {
             std::fs::write(d.join(f), format!("{v}\n")).unwrap();
         }
-        std::fs::write(d.join("halt_exits"), "7\n").unwrap();
     }
 
     fn fake_root(tag: &str) -> PathBuf {
@@ -168,7 +183,9 @@ mod tests {
             Some(Counts {
                 exits: 1000,
                 io_exits: 300,
-                mmio_exits: 20
+                mmio_exits: 20,
+                irq_injections: 250,
+                halt_exits: 100,
             })
         );
         // A thread of the process made the second VM.
@@ -206,7 +223,9 @@ mod tests {
             Counts {
                 exits: 300,
                 io_exits: 150,
-                mmio_exits: 1
+                mmio_exits: 1,
+                irq_injections: 75,
+                halt_exits: 30,
             }
         );
         std::fs::remove_dir_all(&root).unwrap();

@@ -208,13 +208,15 @@ pub fn to_json(info: &RunInfo, disks: &[DiskResult]) -> String {
     let sample = |s: Option<Sample>| {
         match s {
         Some(s) => format!(
-            "{{\"iops\": {}, \"bw_kib\": {}, \"clat_mean_us\": {}, \"ios\": {}, \"exits_per_io\": {}, \"pio_mmio_exits_per_io\": {}}}",
+            "{{\"iops\": {}, \"bw_kib\": {}, \"clat_mean_us\": {}, \"ios\": {}, \"exits_per_io\": {}, \"pio_mmio_exits_per_io\": {}, \"irqs_per_io\": {}, \"halts_per_io\": {}}}",
             num(s.iops),
             num(s.bw_kib),
             num(s.clat_us),
             num(s.ios),
             opt(s.exits_per_io),
-            opt(s.pio_mmio_per_io)
+            opt(s.pio_mmio_per_io),
+            opt(s.irqs_per_io),
+            opt(s.halts_per_io)
         ),
         None => "null".into(),
     }
@@ -291,6 +293,8 @@ pub(super) mod tests {
             ios: iops,
             exits_per_io: None,
             pio_mmio_per_io: None,
+            irqs_per_io: None,
+            halts_per_io: None,
         }
     }
 
@@ -377,7 +381,7 @@ pub(super) mod tests {
         d.jobs[0].platter.as_mut().unwrap().exits_per_io = Some(12.25);
         let j = to_json(&info, &[d]);
         assert!(j.contains("\"config\": \"c\\\"fg.toml\""), "{j}");
-        assert!(j.contains("{\"job\": \"r\", \"platter\": {\"iops\": 2.5, \"bw_kib\": 10, \"clat_mean_us\": 100, \"ios\": 2.5, \"exits_per_io\": 12.25, \"pio_mmio_exits_per_io\": null}, \"qemu\": {\"iops\": 1, \"bw_kib\": 4, \"clat_mean_us\": 100, \"ios\": 1, \"exits_per_io\": null, \"pio_mmio_exits_per_io\": null}, \"ratio\": 2.5}"), "{j}");
+        assert!(j.contains("{\"job\": \"r\", \"platter\": {\"iops\": 2.5, \"bw_kib\": 10, \"clat_mean_us\": 100, \"ios\": 2.5, \"exits_per_io\": 12.25, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null}, \"qemu\": {\"iops\": 1, \"bw_kib\": 4, \"clat_mean_us\": 100, \"ios\": 1, \"exits_per_io\": null, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null}, \"ratio\": 2.5}"), "{j}");
         assert!(j.contains("\"exit_counts\": true,"), "{j}");
         assert!(j.contains("\"qemu\": null, \"ratio\": null"), "{j}");
         assert_eq!(j.matches('{').count(), j.matches('}').count());
