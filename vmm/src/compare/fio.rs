@@ -78,6 +78,20 @@ pub fn median(runs: Vec<Report>) -> Report {
     last
 }
 
+/// Each job's Platter/QEMU IOPS ratio in every round (round i of one VMM beside round i of
+/// the other: they booted one after the other), for the spread a single median hides.
+pub fn round_ratios(platter: &[Report], qemu: &[Report]) -> BTreeMap<(String, String), Vec<f64>> {
+    let mut out: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for (p, q) in platter.iter().zip(qemu) {
+        for (k, ps) in &p.samples {
+            if let Some(qs) = q.samples.get(k).filter(|qs| qs.iops > 0.0) {
+                out.entry(k.clone()).or_default().push(ps.iops / qs.iops);
+            }
+        }
+    }
+    out
+}
+
 /// (bandwidth, IOPS, runtime ms, mean completion latency) fields per side.
 const READ: (usize, usize, usize, usize) = (7, 8, 9, 16);
 const WRITE: (usize, usize, usize, usize) = (48, 49, 50, 57);
@@ -179,6 +193,33 @@ mod tests {
         assert_eq!(m.exit, Some(0));
         let one = median(vec![run(1.0, 2.0)]);
         assert_eq!(one.samples.len(), 2);
+    }
+
+    #[test]
+    fn round_ratios_pair_the_rounds_in_order() {
+        let run = |pairs: &[(&str, f64)]| {
+            let mut r = Report::default();
+            for (job, iops) in pairs {
+                let s = Sample {
+                    iops: *iops,
+                    ..Default::default()
+                };
+                r.samples.insert(("s".into(), job.to_string()), s);
+            }
+            r
+        };
+        let platter = [run(&[("a", 10.0), ("b", 6.0)]), run(&[("a", 30.0)])];
+        let qemu = [
+            run(&[("a", 20.0), ("b", 0.0)]),
+            run(&[("a", 15.0)]),
+            run(&[("a", 1.0)]),
+        ];
+        let r = round_ratios(&platter, &qemu);
+        assert_eq!(r[&("s".to_string(), "a".to_string())], [0.5, 2.0]);
+        assert!(
+            !r.contains_key(&("s".to_string(), "b".to_string())),
+            "no ratio to 0 IOPS"
+        );
     }
 
     /// A real fio 3.33 line (randread, 4k, depth 1), cut to 57 fields as the

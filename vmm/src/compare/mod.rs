@@ -199,9 +199,16 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
         platter_runs.truncate(qemu_runs.len());
     }
     info.rounds = platter_runs.len() as u32;
+    let round_ratios = fio::round_ratios(&platter_runs, &qemu_runs);
     let platter = fio::median(platter_runs);
     let qemu = plan.qemu.as_ref().map(|_| fio::median(qemu_runs));
-    let disks = results::collect(&plan.subjects, &plan.jobs, &platter, qemu.as_ref());
+    let disks = results::collect(
+        &plan.subjects,
+        &plan.jobs,
+        &platter,
+        qemu.as_ref(),
+        &round_ratios,
+    );
     print!("{}", table::header(&info, qemu.is_some()));
     if !on_9p.is_empty() {
         println!(

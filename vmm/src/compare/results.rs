@@ -1,6 +1,8 @@
 //! The numbers of one comparison: per disk, per job, Platter's and QEMU's
 //! samples; their ratios, and the raw numbers as JSON (`--json`).
 
+use std::collections::BTreeMap;
+
 use super::fio::{Report, Sample};
 use super::plan::{Job, Subject};
 use super::qemu::{aio_name, cache_name, format_name};
@@ -33,6 +35,8 @@ pub struct JobResult {
     pub platter: Option<Sample>,
     /// Under QEMU (None when QEMU was not run).
     pub qemu: Option<Sample>,
+    /// The ratio in each round (with `--rounds`; empty otherwise).
+    pub round_ratios: Vec<f64>,
 }
 
 impl JobResult {
@@ -42,6 +46,16 @@ impl JobResult {
             (Some(p), Some(q)) if q.iops > 0.0 => Some(p.iops / q.iops),
             _ => None,
         }
+    }
+
+    /// The lowest and highest ratio of the rounds, when there were several.
+    pub fn ratio_spread(&self) -> Option<(f64, f64)> {
+        if self.round_ratios.len() < 2 {
+            return None;
+        }
+        let lo = self.round_ratios.iter().copied().fold(f64::MAX, f64::min);
+        let hi = self.round_ratios.iter().copied().fold(f64::MIN, f64::max);
+        Some((lo, hi))
     }
 }
 
@@ -78,6 +92,7 @@ pub fn collect(
     jobs: &[Job],
     platter: &Report,
     qemu: Option<&Report>,
+    round_ratios: &BTreeMap<(String, String), Vec<f64>>,
 ) -> Vec<DiskResult> {
     subjects
         .iter()
@@ -97,6 +112,7 @@ pub fn collect(
                         job: j.name.clone(),
                         platter: platter.samples.get(&key).copied(),
                         qemu: qemu.and_then(|q| q.samples.get(&key).copied()),
+                        round_ratios: round_ratios.get(&key).cloned().unwrap_or_default(),
                     }
                 })
                 .collect(),
@@ -244,11 +260,16 @@ pub fn to_json(info: &RunInfo, disks: &[DiskResult]) -> String {
         for (k, j) in d.jobs.iter().enumerate() {
             out += if k == 0 { "\n" } else { ",\n" };
             out += &format!(
-                "      {{\"job\": {}, \"platter\": {}, \"qemu\": {}, \"ratio\": {}}}",
+                "      {{\"job\": {}, \"platter\": {}, \"qemu\": {}, \"ratio\": {}, \"round_ratios\": [{}]}}",
                 quote(&j.job),
                 sample(j.platter),
                 sample(j.qemu),
-                j.ratio().map_or("null".into(), num)
+                j.ratio().map_or("null".into(), num),
+                j.round_ratios
+                    .iter()
+                    .map(|&r| num(r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         out += "\n    ]}";
@@ -312,6 +333,7 @@ pub(super) mod tests {
                     job: j.to_string(),
                     platter: Some(sample(*p)),
                     qemu: q.map(sample),
+                    round_ratios: Vec::new(),
                 })
                 .collect(),
         }
@@ -379,11 +401,17 @@ pub(super) mod tests {
         };
         let mut d = disk("a", &[("r", 2.5, Some(1.0)), ("w", 1.0, None)]);
         d.jobs[0].platter.as_mut().unwrap().exits_per_io = Some(12.25);
+        d.jobs[0].round_ratios = vec![0.5, 2.5];
+        assert_eq!(d.jobs[0].ratio_spread(), Some((0.5, 2.5)));
+        assert_eq!(d.jobs[1].ratio_spread(), None);
         let j = to_json(&info, &[d]);
         assert!(j.contains("\"config\": \"c\\\"fg.toml\""), "{j}");
-        assert!(j.contains("{\"job\": \"r\", \"platter\": {\"iops\": 2.5, \"bw_kib\": 10, \"clat_mean_us\": 100, \"ios\": 2.5, \"exits_per_io\": 12.25, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null}, \"qemu\": {\"iops\": 1, \"bw_kib\": 4, \"clat_mean_us\": 100, \"ios\": 1, \"exits_per_io\": null, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null}, \"ratio\": 2.5}"), "{j}");
+        assert!(j.contains("{\"job\": \"r\", \"platter\": {\"iops\": 2.5, \"bw_kib\": 10, \"clat_mean_us\": 100, \"ios\": 2.5, \"exits_per_io\": 12.25, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null}, \"qemu\": {\"iops\": 1, \"bw_kib\": 4, \"clat_mean_us\": 100, \"ios\": 1, \"exits_per_io\": null, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null}, \"ratio\": 2.5, \"round_ratios\": [0.5, 2.5]}"), "{j}");
         assert!(j.contains("\"exit_counts\": true,"), "{j}");
-        assert!(j.contains("\"qemu\": null, \"ratio\": null"), "{j}");
+        assert!(
+            j.contains("\"qemu\": null, \"ratio\": null, \"round_ratios\": []"),
+            "{j}"
+        );
         assert_eq!(j.matches('{').count(), j.matches('}').count());
         assert_eq!(quote("a\nb"), "\"a\\u000ab\"");
     }

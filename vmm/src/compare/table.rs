@@ -6,7 +6,7 @@ use super::fio::Sample;
 use super::results::{controller_gaps, DiskResult, RunInfo};
 
 /// Column headings; the rows line up under them.
-const HEADINGS: [&str; 13] = [
+const HEADINGS: [&str; 14] = [
     "disk",
     "controller",
     "format",
@@ -16,6 +16,7 @@ const HEADINGS: [&str; 13] = [
     "platter_iops",
     "qemu_iops",
     "ratio",
+    "round_ratios",
     "platter_MiB/s",
     "qemu_MiB/s",
     "platter_exits/io",
@@ -39,7 +40,7 @@ pub fn header(info: &RunInfo, qemu: bool) -> String {
     }
     if info.rounds > 1 {
         h += &format!(
-            "Each VMM booted {} times, alternating; each number is the median run's. Only the ratios between VMMs in the same comparison mean something",
+            "Each VMM booted {} times, alternating; each number is the median run's, round_ratios the lowest-highest ratio of the rounds (the noise). Only the ratios between VMMs in the same comparison mean something",
             info.rounds
         );
     } else {
@@ -59,7 +60,7 @@ pub fn header(info: &RunInfo, qemu: bool) -> String {
 
 /// The table and the per-disk summaries.
 pub fn render(disks: &[DiskResult]) -> String {
-    let mut rows: Vec<[String; 13]> = vec![HEADINGS.map(String::from)];
+    let mut rows: Vec<[String; 14]> = vec![HEADINGS.map(String::from)];
     let iops = |s: Option<Sample>| s.map_or("-".into(), |s| format!("{:.0}", s.iops));
     let mib = |s: Option<Sample>| s.map_or("-".into(), |s| format!("{:.1}", s.bw_kib / 1024.0));
     let exits = |s: Option<Sample>| {
@@ -78,6 +79,8 @@ pub fn render(disks: &[DiskResult]) -> String {
                 iops(j.platter),
                 iops(j.qemu),
                 j.ratio().map_or("-".into(), |r| format!("{r:.2}")),
+                j.ratio_spread()
+                    .map_or("-".into(), |(lo, hi)| format!("{lo:.2}-{hi:.2}")),
                 mib(j.platter),
                 mib(j.qemu),
                 exits(j.platter),
@@ -110,10 +113,21 @@ pub fn render(disks: &[DiskResult]) -> String {
         match d.mean_ratio() {
             Some((m, n)) => {
                 out += &format!(
-                    "{} ({}): Platter/QEMU IOPS {m:.2} (geometric mean of {n} jobs)\n",
+                    "{} ({}): Platter/QEMU IOPS {m:.2} (geometric mean of {n} jobs)",
                     d.id,
                     d.describe()
-                )
+                );
+                let spreads: Vec<(f64, f64)> =
+                    d.jobs.iter().filter_map(|j| j.ratio_spread()).collect();
+                if !spreads.is_empty() {
+                    out += &format!(
+                        "; at least 1.00 in every round: {} of {} jobs, in none: {}",
+                        spreads.iter().filter(|(lo, _)| *lo >= 1.0).count(),
+                        spreads.len(),
+                        spreads.iter().filter(|(_, hi)| *hi < 1.0).count()
+                    );
+                }
+                out.push('\n');
             }
             None => out += &format!("{} ({}): no ratio (QEMU not run)\n", d.id, d.describe()),
         }
@@ -152,16 +166,16 @@ mod tests {
 
     #[test]
     fn table_has_a_row_per_disk_and_job() {
-        let t = render(&[
-            disk(
-                "a",
-                &[
-                    ("randread-4k-qd1", 1000.0, Some(500.0)),
-                    ("write-128k-qd8", 20.0, Some(40.0)),
-                ],
-            ),
-            disk("b", &[("randread-4k-qd1", 7.0, None)]),
-        ]);
+        let mut a = disk(
+            "a",
+            &[
+                ("randread-4k-qd1", 1000.0, Some(500.0)),
+                ("write-128k-qd8", 20.0, Some(40.0)),
+            ],
+        );
+        a.jobs[0].round_ratios = vec![2.5, 1.25, 2.0];
+        a.jobs[1].round_ratios = vec![0.5, 0.75];
+        let t = render(&[a, disk("b", &[("randread-4k-qd1", 7.0, None)])]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(
             lines[0].starts_with("disk  controller  format  cache  aio"),
@@ -180,6 +194,7 @@ mod tests {
                 "1000",
                 "500",
                 "2.00",
+                "1.25-2.50",
                 "3.9",
                 "2.0",
                 "-",
@@ -189,9 +204,9 @@ mod tests {
         assert_eq!(lines[2].split_whitespace().nth(8), Some("0.50"));
         assert_eq!(
             lines[3].split_whitespace().collect::<Vec<_>>()[6..],
-            ["7", "-", "-", "0.0", "-", "-", "-"]
+            ["7", "-", "-", "-", "0.0", "-", "-", "-"]
         );
-        assert!(t.contains("a (virtio-blk, raw, cache=none, aio=io_uring): Platter/QEMU IOPS 1.00 (geometric mean of 2 jobs)"), "{t}");
+        assert!(t.contains("a (virtio-blk, raw, cache=none, aio=io_uring): Platter/QEMU IOPS 1.00 (geometric mean of 2 jobs); at least 1.00 in every round: 1 of 2 jobs, in none: 1\n"), "{t}");
         assert!(
             t.contains("b (virtio-blk, raw, cache=none, aio=io_uring): no ratio"),
             "{t}"
@@ -226,13 +241,14 @@ mod tests {
                 "300",
                 "250",
                 "1.20",
+                "-",
                 "1.2",
                 "1.0",
                 "38.3",
                 "41.0"
             ]
         );
-        assert_eq!(cells(lines[2])[11..], ["5.0", "5.2"]);
+        assert_eq!(cells(lines[2])[12..], ["5.0", "5.2"]);
         // Numbers right-aligned under their headings.
         assert_eq!(lines[0].len(), lines[1].len(), "{t}");
         let g = gap_lines(&disks);
