@@ -62,6 +62,9 @@ pub struct Config {
     /// Limits shared by the disks that name them.
     #[serde(default, rename = "throttle_group")]
     pub throttle_groups: Vec<ThrottleGroupConfig>,
+    /// Settings of named I/O threads (a name used only by disks gets the defaults).
+    #[serde(default, rename = "iothread")]
+    pub iothreads: Vec<IoThreadConfig>,
     /// The file this came from; relative paths are resolved against its folder.
     #[serde(skip)]
     pub source: PathBuf,
@@ -156,6 +159,34 @@ impl<'de> Deserialize<'de> for MemorySize {
             Raw::Text(t) => MemorySize::parse(&t).map_err(serde::de::Error::custom),
         }
     }
+}
+
+/// `[[iothread]]`: settings of a named I/O thread, like QEMU's `-object iothread`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct IoThreadConfig {
+    /// The name disks use in `iothread`.
+    pub id: String,
+    /// The longest the thread spins looking for work before it sleeps, in
+    /// nanoseconds (adaptive, like QEMU's poll-max-ns); 0 turns polling off.
+    #[serde(default = "default_poll_max_ns")]
+    pub poll_max_ns: u64,
+}
+
+fn default_poll_max_ns() -> u64 {
+    platter_devices::virtio::io_poll::DEFAULT_POLL_MAX_NS
+}
+
+/// The longest polling window accepted: beyond a millisecond spinning only burns a CPU.
+pub const MAX_POLL_NS: u64 = 1_000_000;
+
+/// Whether `name` can name an I/O thread (Linux thread names are at most 15 bytes).
+fn valid_thread_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `iothread`: one thread name for all of a disk's queues, or a list: queue `i` is served
@@ -511,6 +542,28 @@ impl Config {
             }
             throttle::limits(&g.limits).map_err(|(k, m)| err(&key(&k), m))?;
         }
+        let mut thread_ids = std::collections::HashSet::new();
+        for (i, t) in self.iothreads.iter().enumerate() {
+            let key = |k: &str| format!("iothread[{i}].{k}");
+            if !valid_thread_name(&t.id) {
+                return Err(err(
+                    &key("id"),
+                    format!("`{}`: use 1 to 15 letters, digits, `-` or `_`", t.id),
+                ));
+            }
+            if !thread_ids.insert(t.id.clone()) {
+                return Err(err(&key("id"), format!("`{}` is used twice", t.id)));
+            }
+            if t.poll_max_ns > MAX_POLL_NS {
+                return Err(err(
+                    &key("poll_max_ns"),
+                    format!(
+                        "must be at most {MAX_POLL_NS} (1 ms; got {})",
+                        t.poll_max_ns
+                    ),
+                ));
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             let key = |k: &str| format!("disk[{i}].{k}");
@@ -578,12 +631,7 @@ impl Config {
                     return Err(err(&key("iothread"), "the list is empty".into()));
                 }
                 for (i, name) in names.iter().enumerate() {
-                    let ok = !name.is_empty()
-                        && name.len() <= 15
-                        && name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-                    if !ok {
+                    if !valid_thread_name(name) {
                         return Err(err(
                             &key("iothread"),
                             format!("`{name}`: use 1 to 15 letters, digits, `-` or `_`"),

@@ -9,11 +9,11 @@ use kvm_ioctls::VmFd;
 use platter_block::{open_disk, Disk, DiskOptions, ThrottleGroup};
 use platter_devices::bus::Bus;
 use platter_devices::ide::{self, IdeDriveConfig, IrqLevel, PiixIde, PiixVariant};
-use platter_devices::virtio::{self, BlkConfig, IoThread, VirtioBlk, VirtioPciDevice};
+use platter_devices::virtio::{self, io_poll, BlkConfig, IoThread, VirtioBlk, VirtioPciDevice};
 use std::sync::RwLock;
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{self, Config, ConfigError, Controller, DiskConfig};
+use crate::config::{self, Config, ConfigError, Controller, DiskConfig, IoThreadConfig};
 use crate::irq::{GsiTable, KvmMsiRouter};
 use crate::pci::{IoEvent, PciSegment};
 
@@ -166,9 +166,43 @@ pub struct Wiring<'a> {
     pub pci: &'a mut PciSegment,
     /// The port I/O bus, for legacy-mode IDE ports.
     pub pio: &'a RwLock<Bus>,
-    /// Named I/O threads (`iothread = "NAME"` or a list), made on first use and shared
-    /// by every disk that names them.
-    pub io_threads: HashMap<String, Arc<IoThread>>,
+    /// Named I/O threads (`iothread = "NAME"` or a list).
+    pub io_threads: NamedThreads,
+}
+
+/// The named I/O threads: each made on first use with its `[[iothread]]` settings (or
+/// the defaults) and shared by every disk that names it.
+pub struct NamedThreads {
+    poll_max_ns: HashMap<String, u64>,
+    running: HashMap<String, Arc<IoThread>>,
+}
+
+impl NamedThreads {
+    /// Threads with the settings of `[[iothread]]`; none runs yet.
+    pub fn new(config: &[IoThreadConfig]) -> Self {
+        Self {
+            poll_max_ns: config
+                .iter()
+                .map(|t| (t.id.clone(), t.poll_max_ns))
+                .collect(),
+            running: HashMap::new(),
+        }
+    }
+
+    /// The thread called `name`, started if it is not running yet.
+    fn get(&mut self, name: &str) -> std::io::Result<Arc<IoThread>> {
+        if let Some(t) = self.running.get(name) {
+            return Ok(t.clone());
+        }
+        let poll = self
+            .poll_max_ns
+            .get(name)
+            .copied()
+            .unwrap_or(io_poll::DEFAULT_POLL_MAX_NS);
+        let t = Arc::new(IoThread::with_poll_max(name, poll)?);
+        self.running.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
 }
 
 /// What the device event loop must watch after attaching: a controller and
@@ -323,23 +357,19 @@ fn attach_virtio_blk(d: OpenedDisk, w: &mut Wiring) -> Result<(), AttachError> {
         source,
     })?;
     if let Some(names) = &c.iothread {
-        let mut threads = Vec::with_capacity(names.0.len());
-        for name in &names.0 {
-            let thread = match w.io_threads.get(name) {
-                Some(t) => t.clone(),
-                None => {
-                    let t =
-                        Arc::new(IoThread::new(name).map_err(|source| AttachError::IoThread {
-                            id: id.clone(),
-                            name: name.clone(),
-                            source,
-                        })?);
-                    w.io_threads.insert(name.clone(), t.clone());
-                    t
-                }
-            };
-            threads.push(thread);
-        }
+        let threads = names
+            .0
+            .iter()
+            .map(|name| {
+                w.io_threads
+                    .get(name)
+                    .map_err(|source| AttachError::IoThread {
+                        id: id.clone(),
+                        name: name.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         blk.set_io_threads(threads);
     }
     let router = KvmMsiRouter::new(w.vm, w.gsi.clone(), vectors).map_err(|source| {

@@ -241,7 +241,7 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
             gsi: &gsi,
             pci: &mut pci,
             pio: &buses.pio,
-            io_threads: Default::default(),
+            io_threads: disks::NamedThreads::new(&cfg.iothreads),
         },
     )?;
     let stdin_to_serial = (cfg.serial.mode == SerialMode::Stdio).then(|| serial.clone());

@@ -8,6 +8,7 @@
 //!  token CONTROL                 commands from device threads: attach, detach, quit
 //!  token (slot << 8) | local     an fd of the work in `slot` (queue notify, completion)
 //!  after each wakeup: `after_batch` of every work that had an event (interrupts)
+//!  before each sleep: poll every work for up to the adaptive window (io_poll.rs)
 //! ```
 //!
 //! A device hands its queues over as an [`IoWork`] when the driver sets
@@ -22,9 +23,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::io_poll::{PollWindow, DEFAULT_POLL_MAX_NS};
 
 /// The queues of one device, as an I/O thread serves them.
 pub trait IoWork: Send {
@@ -38,6 +42,17 @@ pub trait IoWork: Send {
     fn on_event(&mut self, local: u8);
     /// End of a batch of events: send the interrupts that are due.
     fn after_batch(&mut self);
+    /// The thread starts polling: the driver need not notify for a while.
+    fn poll_begin(&mut self) {}
+    /// While polling: serve what is there without waiting for an fd (new
+    /// requests in a ring, completions already posted); true if there was
+    /// anything.
+    fn poll(&mut self) -> bool {
+        false
+    }
+    /// Polling ends: ask the driver for notifications again (serving what
+    /// came in meanwhile, so none is missed).
+    fn poll_end(&mut self) {}
     /// Stop taking requests; the driver has forgotten the rings.
     fn begin_drain(&mut self);
     /// Collect completions while draining; true once nothing is in flight.
@@ -77,8 +92,15 @@ impl std::fmt::Debug for IoThread {
 pub type AttachError = Box<(io::Error, Option<Box<dyn IoWork>>)>;
 
 impl IoThread {
-    /// Start an idle thread named `name` (shown in `top -H` / `ps -L`).
+    /// Start an idle thread named `name` (shown in `top -H` / `ps -L`) with
+    /// the default polling (none: it sleeps in epoll when idle).
     pub fn new(name: &str) -> io::Result<Self> {
+        Self::with_poll_max(name, DEFAULT_POLL_MAX_NS)
+    }
+
+    /// Start a thread whose polling window grows to at most `poll_max_ns`
+    /// (0: it never polls, it sleeps in epoll as soon as it is idle).
+    pub fn with_poll_max(name: &str, poll_max_ns: u64) -> io::Result<Self> {
         let wake = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -92,7 +114,7 @@ impl IoThread {
         let short: String = name.chars().take(15).collect();
         let handle = std::thread::Builder::new()
             .name(short)
-            .spawn(move || Serving::new(epoll, thread_wake, rx).run())?;
+            .spawn(move || Serving::new(epoll, thread_wake, rx, poll_max_ns).run())?;
         Ok(Self {
             name: name.to_string(),
             commands: Mutex::new(tx),
@@ -179,6 +201,7 @@ struct Serving {
     wake: EventFd,
     commands: Receiver<Command>,
     slots: Vec<Option<Slot>>,
+    poll: PollWindow,
 }
 
 fn token(slot: usize, local: u8) -> u64 {
@@ -186,12 +209,13 @@ fn token(slot: usize, local: u8) -> u64 {
 }
 
 impl Serving {
-    fn new(epoll: Epoll, wake: EventFd, commands: Receiver<Command>) -> Self {
+    fn new(epoll: Epoll, wake: EventFd, commands: Receiver<Command>, poll_max_ns: u64) -> Self {
         Self {
             epoll,
             wake,
             commands,
             slots: Vec::new(),
+            poll: PollWindow::new(poll_max_ns),
         }
     }
 
@@ -199,7 +223,10 @@ impl Serving {
         let mut events = vec![EpollEvent::default(); 64];
         let mut touched: Vec<usize> = Vec::new();
         loop {
-            let count = match self.epoll.wait(-1, &mut events) {
+            let idle_since = Instant::now();
+            // Work found by polling: look at the fds without sleeping, then poll again.
+            let polled = self.poll_serving();
+            let count = match self.epoll.wait(if polled { 0 } else { -1 }, &mut events) {
                 Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -208,6 +235,9 @@ impl Serving {
                     continue;
                 }
             };
+            if !polled {
+                self.poll.waited(idle_since.elapsed());
+            }
             touched.clear();
             for ev in &events[..count] {
                 let t = ev.data();
@@ -240,6 +270,44 @@ impl Serving {
                 }
             }
         }
+    }
+
+    /// Spin for the polling window, serving what the works find themselves;
+    /// true if any found something (it has been served and signalled).
+    fn poll_serving(&mut self) -> bool {
+        let window = self.poll.window();
+        if window.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        let mut serving: Vec<&mut Box<dyn IoWork>> = self
+            .slots
+            .iter_mut()
+            .flatten()
+            .filter(|s| matches!(s.state, SlotState::Serving))
+            .map(|s| &mut s.work)
+            .collect();
+        if serving.is_empty() {
+            return false;
+        }
+        serving.iter_mut().for_each(|w| w.poll_begin());
+        let mut found = false;
+        while !found {
+            for w in serving.iter_mut() {
+                if w.poll() {
+                    found = true;
+                }
+            }
+            if start.elapsed() >= window {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        for w in serving.iter_mut() {
+            w.poll_end();
+            w.after_batch();
+        }
+        found
     }
 
     /// Take every queued command; false when the handle is gone.

@@ -23,6 +23,7 @@
 #![deny(clippy::cast_possible_truncation)]
 
 pub mod block;
+pub mod io_poll;
 pub mod io_thread;
 pub mod pci;
 

@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+use platter_devices::virtio::io_poll;
+
 use crate::config::{AioMode, CacheMode, Config, Controller, DiskConfig, DiskFormat, Media};
 
 use super::plan::Subject;
@@ -242,8 +244,16 @@ pub fn args(cfg: &Config, subjects: &[Subject], cmdline: &str) -> Result<Vec<Str
         a.extend(["-initrd".into(), i.display().to_string()]);
     }
     a.extend(["-append".into(), cmdline.to_string()]);
-    // Disks naming the same I/O thread share it; the others get their own.
-    let threads: Vec<Option<String>> = cfg
+    // Disks naming the same I/O thread share it; the others get their own. Each polls as
+    // Platter's thread does (its `[[iothread]]`, else Platter's default, which is not
+    // QEMU's): equivalent options.
+    let poll_of = |name: &str| {
+        cfg.iothreads
+            .iter()
+            .find(|t| t.id == name)
+            .map_or(io_poll::DEFAULT_POLL_MAX_NS, |t| t.poll_max_ns)
+    };
+    let threads: Vec<Option<(String, u64)>> = cfg
         .disks
         .iter()
         .enumerate()
@@ -251,17 +261,20 @@ pub fn args(cfg: &Config, subjects: &[Subject], cmdline: &str) -> Result<Vec<Str
             // QEMU 7.2 (Debian 12) has no per-queue mapping (iothread-vq-mapping came in
             // 9.0, through JSON -device only): a list gives QEMU its first thread.
             has_iothread(d.controller).then(|| {
-                d.iothread
-                    .as_ref()
-                    .and_then(|t| t.0.first())
-                    .map_or_else(|| own_iothread(n), |t| named_iothread(t))
+                d.iothread.as_ref().and_then(|t| t.0.first()).map_or_else(
+                    || (own_iothread(n), io_poll::DEFAULT_POLL_MAX_NS),
+                    |t| (named_iothread(t), poll_of(t)),
+                )
             })
         })
         .collect();
     let mut made: Vec<&str> = Vec::new();
-    for t in threads.iter().flatten() {
+    for (t, poll) in threads.iter().flatten() {
         if !made.contains(&t.as_str()) {
-            a.extend(["-object".into(), format!("iothread,id={t}")]);
+            a.extend([
+                "-object".into(),
+                format!("iothread,id={t},poll-max-ns={poll}"),
+            ]);
             made.push(t);
         }
     }
@@ -275,7 +288,7 @@ pub fn args(cfg: &Config, subjects: &[Subject], cmdline: &str) -> Result<Vec<Str
         };
         let serial = subject.map(|s| s.serial.as_str()).or(d.serial.as_deref());
         let at = Placement {
-            iothread: threads[n].as_deref(),
+            iothread: threads[n].as_ref().map(|(t, _)| t.as_str()),
             ide: if d.controller == Controller::Ide {
                 positions.next()
             } else {
@@ -423,7 +436,7 @@ mod tests {
         let a = args(&cfg, &subjects, "console=ttyS0").unwrap().join(" ");
         assert!(a.starts_with("-machine q35,accel=kvm -cpu host -nodefaults -no-user-config -display none -serial stdio -no-reboot -smp 2 -m 512M -kernel /k -initrd /i -append console=ttyS0 "), "{a}");
         assert!(
-            a.contains("-object iothread,id=io0 -object iothread,id=io1 -drive"),
+            a.contains("-object iothread,id=io0,poll-max-ns=0 -object iothread,id=io1,poll-max-ns=0 -drive"),
             "{a}"
         );
         assert!(
@@ -494,7 +507,7 @@ mod tests {
         ));
         let subjects = super::super::plan::subjects(&cfg).unwrap();
         let j = args(&cfg, &subjects, "c").unwrap().join(" ");
-        assert!(j.contains("-object iothread,id=shared -object iothread,id=io1 -object iothread,id=iothread-io1 -drive"), "{j}");
+        assert!(j.contains("-object iothread,id=shared,poll-max-ns=0 -object iothread,id=io1,poll-max-ns=0 -object iothread,id=iothread-io1,poll-max-ns=0 -drive"), "{j}");
         assert_eq!(j.matches("-object").count(), 3, "{j}");
         assert!(
             j.contains("drive=d0,iothread=shared,") && j.contains("drive=d2,iothread=shared,"),
@@ -502,6 +515,21 @@ mod tests {
         );
         assert!(
             j.contains("drive=d1,iothread=io1,") && j.contains("drive=d3,iothread=iothread-io1,"),
+            "{j}"
+        );
+    }
+
+    #[test]
+    fn iothread_polling_settings_reach_qemu() {
+        let cfg = config(&format!(
+            "{}{}[[iothread]]\nid = \"busy\"\npoll_max_ns = 32768\n",
+            raw_disk("a", "virtio-blk", "iothread = \"busy\""),
+            raw_disk("b", "virtio-blk", "iothread = \"other\""),
+        ));
+        let subjects = super::super::plan::subjects(&cfg).unwrap();
+        let j = args(&cfg, &subjects, "c").unwrap().join(" ");
+        assert!(
+            j.contains("-object iothread,id=busy,poll-max-ns=32768 -object iothread,id=other,poll-max-ns=0 -drive"),
             "{j}"
         );
     }

@@ -469,3 +469,36 @@ fn l2_cache_size_is_for_qcow2_and_bounded() {
         assert!(e.to_string().contains(why), "{e}");
     }
 }
+
+#[test]
+fn iothread_tables_set_polling_and_are_checked() {
+    let (_d, c) = on_disk(&format!(
+        "{GOOD}[[iothread]]\nid = \"io0\"\npoll_max_ns = 32768\n[[iothread]]\nid = \"io1\"\n"
+    ));
+    c.validate(&PLENTY).unwrap();
+    let polls: Vec<(&str, u64)> = c
+        .iothreads
+        .iter()
+        .map(|t| (t.id.as_str(), t.poll_max_ns))
+        .collect();
+    assert_eq!(
+        polls,
+        [("io0", 32_768), ("io1", 0)],
+        "no polling when unset"
+    );
+    let bad = [
+        ("id = \"a b\"", "iothread[0].id"),
+        ("id = \"io0\"\n[[iothread]]\nid = \"io0\"", "iothread[1].id"),
+        (
+            "id = \"io0\"\npoll_max_ns = 1000001",
+            "iothread[0].poll_max_ns",
+        ),
+    ];
+    for (table, key) in bad {
+        let (_d, c) = on_disk(&format!("{GOOD}[[iothread]]\n{table}\n"));
+        let e = c.validate(&PLENTY).unwrap_err();
+        assert_eq!(e.key, key, "{table}: {e}");
+    }
+    let e = parse(&format!("{GOOD}[[iothread]]\nid = \"io0\"\npoll = 5\n")).unwrap_err();
+    assert!(e.to_string().contains("poll"), "{e}");
+}

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use platter_block::{BlockError, Request, RequestOp};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::port::DiskPort;
 use super::request::{parse, Parsed};
@@ -154,6 +154,34 @@ impl Worker {
                 Ok(false) => return,
                 Err(e) => return self.broken(pos, &format!("cannot enable notifications: {e}")),
             }
+        }
+    }
+
+    /// While the thread polls, the driver need not notify at all. With
+    /// EVENT_IDX, virtio-queue's `disable_notification` leaves `avail_event`
+    /// where it was, so the driver's next request would still kick; an
+    /// `avail_event` one behind what the device has taken is never crossed
+    /// by the driver's next index (VIRTIO 1.2 §2.7.10: it notifies only when
+    /// its index passes the event), so no kick comes until
+    /// `process_queue` sets it again.
+    fn suppress_notifications(&mut self, pos: usize) {
+        let q = &mut self.queues[pos];
+        if q.broken {
+            return;
+        }
+        if !q.vq.queue.event_idx_enabled() {
+            if let Err(e) = q.vq.queue.disable_notification(&self.mem) {
+                self.broken(pos, &format!("cannot suppress notifications: {e}"));
+            }
+            return;
+        }
+        // avail_event follows the used ring's flags, index and elements (§2.7.8).
+        let addr =
+            GuestAddress(q.vq.queue.used_ring()).checked_add(4 + 8 * u64::from(q.vq.queue.size()));
+        let behind = q.vq.queue.next_avail().wrapping_sub(1);
+        if let Some(a) = addr {
+            // A failed write only costs a kick.
+            let _ = self.mem.store(behind.to_le(), a, Ordering::Relaxed);
         }
     }
 
@@ -398,6 +426,44 @@ impl IoWork for Worker {
 
     fn after_batch(&mut self) {
         self.signal_used();
+    }
+
+    fn poll_begin(&mut self) {
+        for pos in 0..self.queues.len() {
+            self.suppress_notifications(pos);
+        }
+    }
+
+    fn poll(&mut self) -> bool {
+        let mut found = false;
+        for pos in 0..self.queues.len() {
+            let q = &self.queues[pos];
+            if q.broken {
+                continue;
+            }
+            let avail = q.vq.queue.avail_idx(&self.mem, Ordering::Acquire);
+            if matches!(avail, Ok(i) if i.0 != q.vq.queue.next_avail()) {
+                if !found {
+                    self.sync_wce();
+                }
+                found = true;
+                self.drain(pos);
+            }
+        }
+        if self.disk.ready() {
+            self.handle_completions();
+            found = true;
+        }
+        found
+    }
+
+    fn poll_end(&mut self) {
+        for pos in 0..self.queues.len() {
+            self.process_queue(pos);
+        }
+        if self.disk.ready() {
+            self.handle_completions();
+        }
     }
 
     fn begin_drain(&mut self) {

@@ -296,6 +296,76 @@ fn event_idx_suppresses_interrupts_until_used_event() {
     assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 4);
 }
 
+/// Whether the driver, having published `old..new` with `avail_event` at
+/// `event`, must kick (VIRTIO 1.2 §2.7.10, Linux's vring_need_event).
+fn driver_kicks(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[test]
+fn polling_serves_requests_the_driver_did_not_kick_for() {
+    use crate::virtio::io_thread::IoWork;
+    for event_idx in [false, true] {
+        let mem = memory();
+        let mut rig = Rig::with(&mem, blk_config(), false, event_idx);
+        let avail_event = GuestAddress(rig.mock.used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE));
+        let used_flags = GuestAddress(rig.mock.used_addr().0);
+        header(&mem, req_type::FLUSH, 0);
+        assert_eq!(rig.request(&[(HEADER, 16, 0), status_desc()]), (OK, 1));
+        // The driver wants an interrupt for the next used buffer.
+        let used_event = GuestAddress(rig.mock.avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE));
+        mem.write_obj(1u16, used_event).unwrap();
+
+        rig.worker.poll_begin();
+        // What the driver sees while the device polls: no kick wanted.
+        if event_idx {
+            let event: u16 = mem.read_obj(avail_event).unwrap();
+            assert!(!driver_kicks(event, 2, 1), "event_idx: avail_event {event}");
+            assert!(!driver_kicks(event, 1 + QUEUE_SIZE, 1));
+        } else {
+            assert_eq!(
+                mem.read_obj::<u16>(used_flags).unwrap(),
+                1,
+                "VRING_USED_F_NO_NOTIFY"
+            );
+        }
+        assert!(!rig.worker.poll(), "nothing to find yet");
+        rig.push(&[(HEADER, 16, 0), status_desc()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rig.used_idx() != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "polling never completed the request"
+            );
+            rig.worker.poll();
+        }
+        rig.worker.after_batch();
+        assert_eq!(rig.status(), OK);
+        assert_eq!(
+            rig.irq.queue_signals(),
+            2,
+            "completion found by polling is signalled"
+        );
+
+        rig.worker.poll_end();
+        if event_idx {
+            let event: u16 = mem.read_obj(avail_event).unwrap();
+            assert!(
+                driver_kicks(event, 3, 2),
+                "after polling the next request kicks"
+            );
+        } else {
+            assert_eq!(mem.read_obj::<u16>(used_flags).unwrap(), 0);
+        }
+        // A request published just before polling ends is served, not left waiting.
+        rig.worker.poll_begin();
+        rig.push(&[(HEADER, 16, 0), status_desc()]);
+        rig.worker.poll_end();
+        rig.run();
+        assert_eq!(rig.used_idx(), 3, "event_idx {event_idx}");
+    }
+}
+
 #[test]
 fn flush() {
     let mem = memory();
@@ -734,7 +804,13 @@ fn queues_spread_over_io_threads() {
     let mem = memory();
     let threads: Vec<_> = ["vq-a", "vq-b"]
         .iter()
-        .map(|n| Arc::new(crate::virtio::IoThread::new(n).unwrap()))
+        // Polling as QEMU does: the same requests must complete with it.
+        .map(|n| {
+            Arc::new(
+                crate::virtio::IoThread::with_poll_max(n, crate::virtio::io_poll::QEMU_POLL_MAX_NS)
+                    .unwrap(),
+            )
+        })
         .collect();
     let (_f, d) = disk(false);
     let cfg = BlkConfig {
