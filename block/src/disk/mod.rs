@@ -320,6 +320,19 @@ impl Disk {
         !self.done.is_empty() || self.engine.ready()
     }
 
+    /// Hold what is submitted from now on in user space until [`Disk::unplug`], so that a
+    /// device taking a batch of requests from its ring hands them to the kernel in one system
+    /// call (io_uring; the other engines submit at once). Keep the window short: held
+    /// requests do not start.
+    pub fn plug(&mut self) {
+        self.engine.plug();
+    }
+
+    /// Submit what was held since [`Disk::plug`].
+    pub fn unplug(&mut self) {
+        self.engine.unplug();
+    }
+
     /// Number of requests submitted and not yet returned by [`Disk::completions`], including
     /// those waiting for throttle budget.
     pub fn in_flight(&self) -> usize {

@@ -127,6 +127,11 @@ pub trait Engine: Send {
     fn ready(&mut self) -> bool {
         false
     }
+    /// Hold operations submitted from now on in user space until [`Engine::unplug`], so a
+    /// batch reaches the kernel in one system call (engines that cannot batch ignore it).
+    fn plug(&mut self) {}
+    /// Hand the held operations to the kernel and stop holding.
+    fn unplug(&mut self) {}
 }
 
 /// Build the engine `opts.aio` names, signalling on `evt`.

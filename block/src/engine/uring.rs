@@ -22,6 +22,8 @@ pub struct UringEngine {
     capacity: usize,
     waiting: VecDeque<EngineOp>,
     done: VecDeque<EngineCompletion>,
+    /// Submission entries are queued without io_uring_enter until unplugged.
+    plugged: bool,
     _evt: EventFd,
 }
 
@@ -49,6 +51,7 @@ impl UringEngine {
             capacity,
             waiting: VecDeque::new(),
             done: VecDeque::new(),
+            plugged: false,
             _evt: evt,
         })
     }
@@ -106,11 +109,20 @@ impl UringEngine {
             }
         }
         self.inflight.insert(key, op);
-        if let Err(e) = self.ring.submit() {
-            // The entry stays in the queue and goes in with the next successful submit.
-            log::warn!("io_uring submit failed, will retry: {e}");
+        if !self.plugged {
+            self.flush_submissions();
         }
         Ok(())
+    }
+
+    fn flush_submissions(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        if let Err(e) = self.ring.submit() {
+            // The entries stay in the queue and go in with the next successful submit.
+            log::warn!("io_uring submit failed, will retry: {e}");
+        }
     }
 
     fn reap(&mut self) {
@@ -162,6 +174,15 @@ impl Engine for UringEngine {
     fn ready(&mut self) -> bool {
         !self.done.is_empty() || !self.ring.completion().is_empty()
     }
+
+    fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    fn unplug(&mut self) {
+        self.plugged = false;
+        self.flush_submissions();
+    }
 }
 
 impl Drop for UringEngine {
@@ -186,5 +207,62 @@ impl Drop for UringEngine {
                 self.inflight.remove(&cqe.user_data());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::IoVecs;
+    use crate::sg::AlignedBuf;
+    use crate::testutil::TempDir;
+
+    /// Plugged operations stay in the submission queue (no completion can come) until
+    /// unplug hands them to the kernel in one go; unplugged ones go at once.
+    #[test]
+    fn plugged_reads_wait_for_unplug() {
+        let dir = TempDir::new("uring-plug");
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0x3cu8; 64 << 10]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut e = UringEngine::new(evt.try_clone().unwrap(), 32).unwrap();
+        let mut bufs: Vec<AlignedBuf> = (0..16).map(|_| AlignedBuf::new(4096, 4096)).collect();
+        let read = |e: &mut UringEngine, i: usize, b: &mut AlignedBuf| {
+            let op = EngineOp {
+                id: i as u64,
+                fd: file.as_raw_fd(),
+                kind: OpKind::Read {
+                    offset: i as u64 * 4096,
+                    iovecs: IoVecs(vec![b.iovec(0, 4096).to_libc()]),
+                },
+            };
+            e.submit(op).map_err(|(e, _)| e).unwrap();
+        };
+        e.plug();
+        for (i, b) in bufs.iter_mut().enumerate().take(15) {
+            read(&mut e, i, b);
+        }
+        assert_eq!(e.ring.submission().len(), 15, "held in user space");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!e.ready() && e.pop_completion().is_none());
+        e.unplug();
+        assert!(e.ring.submission().is_empty());
+        let (last, rest) = bufs.split_last_mut().unwrap();
+        read(&mut e, 15, last);
+        assert!(e.ring.submission().is_empty(), "unplugged: submitted at once");
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while got.len() < 16 {
+            assert!(std::time::Instant::now() < deadline, "completions missing: {got:?}");
+            while let Some(c) = e.pop_completion() {
+                assert_eq!(c.result.unwrap(), 4096);
+                got.push(c.id);
+            }
+        }
+        got.sort_unstable();
+        assert!(got == (0..16).collect::<Vec<u64>>(), "{got:?}");
+        drop(e);
+        assert!(rest.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x3c)));
     }
 }

@@ -162,6 +162,25 @@ impl DiskPort {
         }
     }
 
+    /// Hold submissions to the kernel until [`DiskPort::unplug`] (one system call for the
+    /// batch). On a shared disk this holds the other workers' submissions too, for as long
+    /// as this one takes to pop its batch; each plug is paired with an unplug by its worker,
+    /// so nothing stays held.
+    pub(super) fn plug(&mut self) {
+        match self {
+            DiskPort::Own(d) => d.plug(),
+            DiskPort::Shared(p) => p.hub().disk.plug(),
+        }
+    }
+
+    /// Submit what was held since [`DiskPort::plug`].
+    pub(super) fn unplug(&mut self) {
+        match self {
+            DiskPort::Own(d) => d.unplug(),
+            DiskPort::Shared(p) => p.hub().disk.unplug(),
+        }
+    }
+
     /// Requests of this worker not yet collected.
     pub(super) fn in_flight(&self) -> usize {
         match self {
