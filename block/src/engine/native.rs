@@ -7,6 +7,9 @@
 //! useful Linux AIO form, so, like QEMU, they run on a small thread pool that signals the same
 //! eventfd.
 //!
+//! Between [`Engine::plug`] and [`Engine::unplug`] reads and writes are held and then go in
+//! one io_submit (a device popping a batch from its ring), as QEMU's linux-aio does.
+//!
 //! Linux AIO is only asynchronous with O_DIRECT (buffered io_submit blocks in the caller), so
 //! [`super::new_engine`] refuses it without O_DIRECT, as QEMU does.
 //!
@@ -107,6 +110,9 @@ pub struct NativeEngine {
     evt: EventFd,
     /// Whether completions can be read straight from the mapped ring.
     user_ring: bool,
+    /// Reads and writes are held in `held` until unplugged, then go in one io_submit.
+    plugged: bool,
+    held: Vec<EngineOp>,
 }
 
 impl NativeEngine {
@@ -141,10 +147,63 @@ impl NativeEngine {
             pool,
             evt,
             user_ring,
+            plugged: false,
+            held: Vec::new(),
         })
     }
 
-    fn push(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
+    /// Submit the held operations with one io_submit (more if the kernel takes part of
+    /// them). They were accepted by `submit` already, so a refusal becomes their completion.
+    fn submit_held(&mut self) {
+        let mut ops = std::mem::take(&mut self.held);
+        while !ops.is_empty() {
+            let mut iocbs: Vec<Iocb> = ops.iter().map(|op| self.iocb(op)).collect();
+            let mut list: Vec<*mut Iocb> = iocbs.iter_mut().map(|i| i as *mut Iocb).collect();
+            // SAFETY: `list` points at valid iocbs that outlive the call; their iovec arrays
+            // are owned by the operations, which go to `inflight` for as long as the kernel
+            // has them (module contract of `engine`).
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_io_submit,
+                    self.ctx,
+                    list.len() as libc::c_long,
+                    list.as_mut_ptr(),
+                )
+            };
+            if r > 0 {
+                let taken = (r as usize).min(ops.len());
+                for (op, iocb) in ops.drain(..taken).zip(&iocbs) {
+                    self.inflight.insert(iocb.aio_data, op);
+                }
+                continue;
+            }
+            let e = if r < 0 {
+                io::Error::last_os_error()
+            } else {
+                io::Error::other("io_submit accepted no request")
+            };
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                // The context is full: the rest waits for slots, in order.
+                Some(libc::EAGAIN) if !self.inflight.is_empty() => {
+                    for op in ops.drain(..).rev() {
+                        self.waiting.push_front(op);
+                    }
+                }
+                // The first one is refused; the others may still go.
+                _ => {
+                    let op = ops.remove(0);
+                    self.done.push_back(EngineCompletion {
+                        id: op.id,
+                        result: Err(e),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The iocb for `op`, under a fresh key (its aio_data).
+    fn iocb(&mut self, op: &EngineOp) -> Iocb {
         let (opcode, offset, iovecs, rw_flags) = match &op.kind {
             OpKind::Read { offset, iovecs } => (IOCB_CMD_PREADV, *offset, iovecs, 0),
             OpKind::Write {
@@ -162,7 +221,7 @@ impl NativeEngine {
         let key = self.next_key;
         self.next_key = self.next_key.wrapping_add(1);
         let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize);
-        let mut iocb = Iocb {
+        Iocb {
             aio_data: key,
             aio_rw_flags: rw_flags,
             aio_lio_opcode: opcode,
@@ -173,7 +232,12 @@ impl NativeEngine {
             aio_flags: IOCB_FLAG_RESFD,
             aio_resfd: self.evt.as_raw_fd() as u32,
             ..Default::default()
-        };
+        }
+    }
+
+    fn push(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
+        let mut iocb = self.iocb(&op);
+        let key = iocb.aio_data;
         let mut list = [&mut iocb as *mut Iocb];
         loop {
             // SAFETY: one valid iocb; its iovec array is owned by `op`, which is kept in
@@ -301,8 +365,12 @@ impl Engine for NativeEngine {
         if matches!(op.kind, OpKind::Fdatasync | OpKind::Fallocate { .. }) {
             return self.pool.submit(op);
         }
-        if self.inflight.len() >= self.capacity || !self.waiting.is_empty() {
+        if self.inflight.len() + self.held.len() >= self.capacity || !self.waiting.is_empty() {
             self.waiting.push_back(op);
+            return Ok(());
+        }
+        if self.plugged {
+            self.held.push(op);
             return Ok(());
         }
         self.push(op)
@@ -322,11 +390,21 @@ impl Engine for NativeEngine {
         }
         !self.done.is_empty() || self.pool.ready()
     }
+
+    fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    fn unplug(&mut self) {
+        self.plugged = false;
+        self.submit_held();
+    }
 }
 
 impl Drop for NativeEngine {
     fn drop(&mut self) {
         self.waiting.clear();
+        self.held.clear();
         // Buffers of operations in the kernel must not be freed before it is done with them.
         let mut evs = [IoEvent::default(); 64];
         while !self.inflight.is_empty() {
@@ -419,5 +497,55 @@ mod tests {
             drop(e);
             assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x5a)));
         }
+    }
+
+    /// Plugged reads wait in user space and go in one io_submit at unplug, every one
+    /// completing with its data.
+    #[test]
+    fn plugged_operations_go_in_one_submit() {
+        let dir = TempDir::new("aio-plug");
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0x6bu8; 1 << 20]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut e = NativeEngine::new(evt.try_clone().unwrap(), 16).unwrap();
+        let mut bufs: Vec<AlignedBuf> = (0..24).map(|_| AlignedBuf::new(4096, 4096)).collect();
+        e.plug();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let op = EngineOp {
+                id: i as u64,
+                fd: file.as_raw_fd(),
+                kind: OpKind::Read {
+                    offset: i as u64 * 4096,
+                    iovecs: IoVecs(vec![b.iovec(0, 4096).to_libc()]),
+                },
+            };
+            e.submit(op).map_err(|(e, _)| e).unwrap();
+        }
+        assert_eq!(
+            (e.held.len(), e.inflight.len()),
+            (16, 0),
+            "held up to the capacity"
+        );
+        assert_eq!(e.waiting.len(), 8);
+        e.unplug();
+        assert_eq!((e.held.len(), e.inflight.len()), (0, 16));
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while got.len() < 24 {
+            assert!(std::time::Instant::now() < deadline, "missing: {got:?}");
+            while let Some(c) = e.pop_completion() {
+                assert_eq!(c.result.unwrap(), 4096);
+                got.push(c.id);
+            }
+        }
+        got.sort_unstable();
+        assert!(got == (0..24).collect::<Vec<u64>>(), "{got:?}");
+        drop(e);
+        assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x6b)));
     }
 }

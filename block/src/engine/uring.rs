@@ -250,11 +250,17 @@ mod tests {
         assert!(e.ring.submission().is_empty());
         let (last, rest) = bufs.split_last_mut().unwrap();
         read(&mut e, 15, last);
-        assert!(e.ring.submission().is_empty(), "unplugged: submitted at once");
+        assert!(
+            e.ring.submission().is_empty(),
+            "unplugged: submitted at once"
+        );
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while got.len() < 16 {
-            assert!(std::time::Instant::now() < deadline, "completions missing: {got:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "completions missing: {got:?}"
+            );
             while let Some(c) = e.pop_completion() {
                 assert_eq!(c.result.unwrap(), 4096);
                 got.push(c.id);
