@@ -108,6 +108,35 @@ pub fn read(root: &Path, ids: &[u32]) -> Option<Counts> {
     Some(sum)
 }
 
+/// Guest memory KVM maps in its second-level (EPT/NPT) tables for the VMs of `ids`, in MiB:
+/// (in 4 KiB pages, in 2 MiB pages), from the VM statistics `pages_4k` and `pages_2m`.
+/// Guest RAM a VMM maps misaligned or without transparent huge pages ends up in 4 KiB
+/// entries, which makes every TLB miss of the guest dearer.
+pub fn mapped_mib(root: &Path, ids: &[u32]) -> Option<(u64, u64)> {
+    let mut sum = (0, 0);
+    let mut any = false;
+    for e in std::fs::read_dir(root).ok()?.flatten() {
+        let name = e.file_name();
+        let Some((pid, _fd)) = name.to_str().and_then(|n| n.split_once('-')) else {
+            continue;
+        };
+        if !pid.parse().is_ok_and(|p: u32| ids.contains(&p)) {
+            continue;
+        }
+        let n = |f: &str| -> Option<u64> {
+            std::fs::read_to_string(e.path().join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        sum.0 += n("pages_4k")? * 4 / 1024;
+        sum.1 += n("pages_2m")? * 2;
+        any = true;
+    }
+    any.then_some(sum)
+}
+
 /// Turns the guest's markers into per-job exit counts for one VMM process.
 #[derive(Debug)]
 pub struct ExitMeter {
@@ -170,6 +199,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
         root
+    }
+
+    #[test]
+    fn mapped_memory_by_page_size() {
+        let root = fake_root("pages");
+        vm(&root, "77-3", 1, 1, 1);
+        vm(&root, "78-4", 1, 1, 1);
+        for (vm, k4, m2) in [("77-3", 2048u64, 100u64), ("78-4", 1024, 28)] {
+            std::fs::write(root.join(vm).join("pages_4k"), format!("{k4}\n")).unwrap();
+            std::fs::write(root.join(vm).join("pages_2m"), format!("{m2}\n")).unwrap();
+        }
+        assert_eq!(mapped_mib(&root, &[77]), Some((8, 200)));
+        assert_eq!(mapped_mib(&root, &[77, 78]), Some((12, 256)));
+        assert_eq!(mapped_mib(&root, &[79]), None);
+        std::fs::remove_file(root.join("77-3/pages_2m")).unwrap();
+        assert_eq!(
+            mapped_mib(&root, &[77]),
+            None,
+            "an unreadable counter is no count"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -375,11 +375,17 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
         let Ok(mut m) = meter_in.lock() else { return };
         m.line(pid, line);
         if !told_huge && line.trim_end() == kvm_stats::END {
-            // After the first job the guest has touched its RAM: how much of the VMM's memory
-            // is in huge pages (guest RAM backed by 4 KiB pages costs every VMM alike).
+            // After the first job the guest has touched its RAM: how KVM maps it (4 KiB
+            // second-level entries make each guest TLB miss dearer) and how much of the
+            // VMM's memory has transparent huge pages.
             told_huge = true;
-            if let Some(mib) = huge_pages_mib(pid) {
-                eprintln!("  {who:<8} {mib} MiB of its anonymous memory in transparent huge pages");
+            let ids = kvm_stats::process_ids(pid);
+            let kvm = kvm_stats::mapped_mib(Path::new(kvm_stats::KVM_DEBUGFS), &ids)
+                .map_or(String::new(), |(k4, m2)| {
+                    format!("KVM maps {m2} MiB in 2 MiB pages, {k4} MiB in 4 KiB pages; ")
+                });
+            if let Some(thp) = huge_pages_mib(pid) {
+                eprintln!("  {who:<8} guest memory: {kvm}{thp} MiB of the process in transparent huge pages");
             }
         }
         if let Some((serial, terse)) = line.strip_prefix("CMP ").and_then(|r| r.split_once(' ')) {
