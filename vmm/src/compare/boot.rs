@@ -17,6 +17,8 @@ pub struct Run {
     pub stderr: String,
     /// Whether it was killed for overrunning.
     pub timed_out: bool,
+    /// Whether it was killed because its console fell silent (see [`run`]).
+    pub stalled: bool,
 }
 
 /// Lines shown when a boot fails.
@@ -27,10 +29,15 @@ const POLL: Duration = Duration::from_millis(200);
 const UNKILLABLE: Duration = Duration::from_secs(30);
 
 /// Run `cmd` to completion or `timeout`; `progress` sees every console line,
-/// with the child's process id (to look the VMM up while it runs).
+/// with the child's process id (to look the VMM up while it runs). Once the
+/// console has printed a line, `silence` without another counts as a stall
+/// and the child is killed too: the guest prints a line at every job, so a
+/// long silence is a guest that stopped running (as QEMU's sometimes does in
+/// the nested rig), not one still working.
 pub fn run(
     mut cmd: Command,
     timeout: Duration,
+    silence: Duration,
     mut progress: impl FnMut(u32, &str) + Send + 'static,
 ) -> std::io::Result<Run> {
     let mut child = cmd
@@ -43,6 +50,8 @@ pub fn run(
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let console = Arc::new(Mutex::new(String::new()));
     let text = console.clone();
+    let last_line: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let heard = last_line.clone();
     let out_reader = std::thread::spawn(move || {
         let mut r = BufReader::new(stdout);
         let mut line = Vec::new();
@@ -50,6 +59,9 @@ pub fn run(
         while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
             let l = String::from_utf8_lossy(&line);
             progress(pid, l.trim_end());
+            if let Ok(mut h) = heard.lock() {
+                *h = Some(Instant::now());
+            }
             if let Ok(mut t) = text.lock() {
                 t.push_str(&l);
             }
@@ -68,13 +80,19 @@ pub fn run(
     });
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
+    let mut stalled = false;
     let mut status = None;
     loop {
         if let Some(s) = child.try_wait()? {
             status = s.code();
             break;
         }
-        if Instant::now() >= deadline {
+        stalled = last_line
+            .lock()
+            .ok()
+            .and_then(|h| *h)
+            .is_some_and(|t| t.elapsed() >= silence);
+        if stalled || Instant::now() >= deadline {
             timed_out = true;
             // Our own child, by its handle.
             let _ = child.kill();
@@ -105,6 +123,7 @@ pub fn run(
         console,
         stderr,
         timed_out,
+        stalled,
     })
 }
 
@@ -130,10 +149,15 @@ mod tests {
         let s2 = seen.clone();
         let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let p2 = pids.clone();
-        let r = run(c, Duration::from_secs(20), move |pid, l| {
-            s2.lock().unwrap().push(l.to_string());
-            p2.lock().unwrap().push(pid);
-        })
+        let r = run(
+            c,
+            Duration::from_secs(20),
+            Duration::from_secs(20),
+            move |pid, l| {
+                s2.lock().unwrap().push(l.to_string());
+                p2.lock().unwrap().push(pid);
+            },
+        )
         .unwrap();
         assert_eq!(r.status, Some(3));
         assert_eq!(r.console, "one\nthree\r\n");
@@ -141,7 +165,35 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), ["one", "three"]);
         let pids = pids.lock().unwrap();
         assert!(pids[0] > 0 && pids[0] != std::process::id() && pids[0] == pids[1]);
-        assert!(!r.timed_out);
+        assert!(!r.timed_out && !r.stalled);
+    }
+
+    #[test]
+    fn a_console_that_falls_silent_is_a_stall() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo started; exec sleep 30"]);
+        let t = Instant::now();
+        let r = run(
+            c,
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(r.timed_out && r.stalled && r.status.is_none());
+        assert_eq!(r.console, "started\n");
+        assert!(t.elapsed() < Duration::from_secs(20));
+        // Silence before the first line (a guest still booting) is no stall.
+        let mut c = Command::new("sh");
+        c.args(["-c", "sleep 1; echo late"]);
+        let r = run(
+            c,
+            Duration::from_secs(20),
+            Duration::from_millis(300),
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!((r.status, r.stalled), (Some(0), false));
     }
 
     #[test]
@@ -149,8 +201,14 @@ mod tests {
         let mut c = Command::new("sleep");
         c.arg("30");
         let t = Instant::now();
-        let r = run(c, Duration::from_millis(300), |_, _| {}).unwrap();
-        assert!(r.timed_out && r.status.is_none());
+        let r = run(
+            c,
+            Duration::from_millis(300),
+            Duration::from_secs(60),
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(r.timed_out && !r.stalled && r.status.is_none());
         assert!(t.elapsed() < Duration::from_secs(10));
     }
 

@@ -132,6 +132,8 @@ struct Plan {
     qemu: Option<(PathBuf, Vec<String>)>,
     cmdline: String,
     timeout: Duration,
+    /// Console silence that counts as a stalled guest.
+    silence: Duration,
     /// In the rig: the L1-local copies of images that were on 9p.
     _scratch: Option<scratch::Scratch>,
 }
@@ -297,6 +299,9 @@ fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
             + subjects.len() as u64 * (PER_DISK_S + (size >> 20))
             + runs * (u64::from(args.runtime) + PER_JOB_S),
     );
+    // Longer than any quiet stretch of a working guest: a job (its runtime), or the first
+    // write of a disk's region (at least 1 MiB/s even for IDE in the rig).
+    let silence = Duration::from_secs(SILENCE_S + u64::from(args.runtime) + (size >> 20));
     Ok(Plan {
         subjects,
         jobs,
@@ -305,6 +310,7 @@ fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
         qemu,
         cmdline,
         timeout,
+        silence,
         _scratch: local,
     })
 }
@@ -331,19 +337,37 @@ fn measure_round(
     platter: &mut Vec<fio::Report>,
     qemu: &mut Vec<fio::Report>,
 ) -> Result<(), Error> {
-    platter.push(boot_and_measure(
-        "platter",
-        platter_command(args, plan)?,
-        plan,
-    )?);
+    platter.push(retry_once("platter", plan, || platter_command(args, plan))?);
     if let Some((bin, qargs)) = &plan.qemu {
         eprintln!("platter compare: booting the same guest under QEMU");
-        let mut c = Command::new(bin);
-        c.args(qargs);
-        qemu.push(boot_and_measure("qemu", c, plan)?);
+        qemu.push(retry_once("qemu", plan, || {
+            let mut c = Command::new(bin);
+            c.args(qargs);
+            Ok(c)
+        })?);
     }
     Ok(())
 }
+
+/// Boot a VMM and measure; a boot that fails is tried once more (a guest of the nested rig
+/// now and then stops running: QEMU 7.2's did, twice in six boots of one run), and the
+/// second failure is the error.
+fn retry_once(
+    who: &'static str,
+    plan: &Plan,
+    cmd: impl Fn() -> Result<Command, Error>,
+) -> Result<fio::Report, Error> {
+    match boot_and_measure(who, cmd()?, plan) {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            eprintln!("platter compare: {e}; booting {who} once more");
+            boot_and_measure(who, cmd()?, plan)
+        }
+    }
+}
+
+/// Base of the console silence after which a guest counts as stalled (see Plan::silence).
+const SILENCE_S: u64 = 120;
 
 /// AnonHugePages of process `pid` in MiB (Linux's smaps_rollup).
 fn huge_pages_mib(pid: u32) -> Option<u64> {
@@ -406,7 +430,7 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
             eprintln!("  {who:<8} {line}");
         }
     };
-    let run = boot::run(cmd, plan.timeout, progress)
+    let run = boot::run(cmd, plan.timeout, plan.silence, progress)
         .map_err(|e| Error::Usage(format!("cannot start {who}: {e}")))?;
     let mut report = fio::parse_console(&run.console);
     if let Ok(m) = meter.lock() {
@@ -416,7 +440,12 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
             }
         }
     }
-    let problem = if run.timed_out {
+    let problem = if run.stalled {
+        Some(format!(
+            "{who}: the guest printed nothing for {} s; killed it",
+            plan.silence.as_secs()
+        ))
+    } else if run.timed_out {
         Some(format!(
             "{who}: the guest had not finished after {} s; killed it",
             plan.timeout.as_secs()
@@ -560,7 +589,8 @@ fn to_rig(args: &CompareArgs, why: &str, per_boot: Duration) -> Error {
             ));
         }
     }
-    let timeout = 2 * u64::from(args.rounds) * per_boot.as_secs() + RIG_ALLOWANCE_S;
+    // One boot more than the rounds need: a failed boot is tried again once.
+    let timeout = (2 * u64::from(args.rounds) + 1) * per_boot.as_secs() + RIG_ALLOWANCE_S;
     let mut cmd = crate::rig::command(&script, &rig_args(args));
     cmd.splice(1..1, ["--timeout".to_string(), timeout.to_string()]);
     eprintln!(
