@@ -6,7 +6,7 @@ use super::fio::Sample;
 use super::results::{controller_gaps, DiskResult, RunInfo};
 
 /// Column headings; the rows line up under them.
-const HEADINGS: [&str; 14] = [
+const HEADINGS: [&str; 13] = [
     "disk",
     "controller",
     "format",
@@ -16,7 +16,6 @@ const HEADINGS: [&str; 14] = [
     "platter_iops",
     "qemu_iops",
     "ratio",
-    "round_ratios",
     "platter_MiB/s",
     "qemu_MiB/s",
     "platter_exits/io",
@@ -40,7 +39,7 @@ pub fn header(info: &RunInfo, qemu: bool) -> String {
     }
     if info.rounds > 1 {
         h += &format!(
-            "Each VMM booted {} times, alternating; each number is the median run's, round_ratios the lowest-highest ratio of the rounds (the noise). Only the ratios between VMMs in the same comparison mean something",
+            "Each VMM booted {} times, alternating; each number is the median run's (below the table: each ratio's lowest and highest round). Only the ratios between VMMs in the same comparison mean something",
             info.rounds
         );
     } else {
@@ -60,7 +59,7 @@ pub fn header(info: &RunInfo, qemu: bool) -> String {
 
 /// The table and the per-disk summaries.
 pub fn render(disks: &[DiskResult]) -> String {
-    let mut rows: Vec<[String; 14]> = vec![HEADINGS.map(String::from)];
+    let mut rows: Vec<[String; 13]> = vec![HEADINGS.map(String::from)];
     let iops = |s: Option<Sample>| s.map_or("-".into(), |s| format!("{:.0}", s.iops));
     let mib = |s: Option<Sample>| s.map_or("-".into(), |s| format!("{:.1}", s.bw_kib / 1024.0));
     let exits = |s: Option<Sample>| {
@@ -79,8 +78,6 @@ pub fn render(disks: &[DiskResult]) -> String {
                 iops(j.platter),
                 iops(j.qemu),
                 j.ratio().map_or("-".into(), |r| format!("{r:.2}")),
-                j.ratio_spread()
-                    .map_or("-".into(), |(lo, hi)| format!("{lo:.2}-{hi:.2}")),
                 mib(j.platter),
                 mib(j.qemu),
                 exits(j.platter),
@@ -109,6 +106,23 @@ pub fn render(disks: &[DiskResult]) -> String {
         out.push('\n');
     }
     out.push('\n');
+    // The table's columns stay fixed; the spread over rounds gets its own lines.
+    let spreads: Vec<String> = disks
+        .iter()
+        .flat_map(|d| {
+            d.jobs.iter().filter_map(move |j| {
+                let (lo, hi) = j.ratio_spread()?;
+                Some(format!("{} {} {lo:.2}-{hi:.2}", d.id, j.job))
+            })
+        })
+        .collect();
+    if !spreads.is_empty() {
+        out += "Ratio per round, lowest-highest (the noise around each median):\n";
+        for l in spreads {
+            out += &format!("  {l}\n");
+        }
+        out.push('\n');
+    }
     for d in disks {
         match d.mean_ratio() {
             Some((m, n)) => {
@@ -194,7 +208,6 @@ mod tests {
                 "1000",
                 "500",
                 "2.00",
-                "1.25-2.50",
                 "3.9",
                 "2.0",
                 "-",
@@ -204,9 +217,13 @@ mod tests {
         assert_eq!(lines[2].split_whitespace().nth(8), Some("0.50"));
         assert_eq!(
             lines[3].split_whitespace().collect::<Vec<_>>()[6..],
-            ["7", "-", "-", "-", "0.0", "-", "-", "-"]
+            ["7", "-", "-", "0.0", "-", "-", "-"]
         );
         assert!(t.contains("a (virtio-blk, raw, cache=none, aio=io_uring): Platter/QEMU IOPS 1.00 (geometric mean of 2 jobs); at least 1.00 in every round: 1 of 2 jobs, in none: 1\n"), "{t}");
+        assert!(
+            t.contains("lowest-highest (the noise around each median):\n  a randread-4k-qd1 1.25-2.50\n  a write-128k-qd8 0.50-0.75\n\n"),
+            "{t}"
+        );
         assert!(
             t.contains("b (virtio-blk, raw, cache=none, aio=io_uring): no ratio"),
             "{t}"
@@ -241,14 +258,13 @@ mod tests {
                 "300",
                 "250",
                 "1.20",
-                "-",
                 "1.2",
                 "1.0",
                 "38.3",
                 "41.0"
             ]
         );
-        assert_eq!(cells(lines[2])[12..], ["5.0", "5.2"]);
+        assert_eq!(cells(lines[2])[11..], ["5.0", "5.2"]);
         // Numbers right-aligned under their headings.
         assert_eq!(lines[0].len(), lines[1].len(), "{t}");
         let g = gap_lines(&disks);
