@@ -29,11 +29,11 @@ const POLL: Duration = Duration::from_millis(200);
 const UNKILLABLE: Duration = Duration::from_secs(30);
 
 /// Run `cmd` to completion or `timeout`; `progress` sees every console line,
-/// with the child's process id (to look the VMM up while it runs). Once the
-/// console has printed a line, `silence` without another counts as a stall
-/// and the child is killed too: the guest prints a line at every job, so a
-/// long silence is a guest that stopped running (as QEMU's sometimes does in
-/// the nested rig), not one still working.
+/// with the child's process id (to look the VMM up while it runs). `silence`
+/// without a console line (from the start, or since the last line) counts
+/// as a stall and the child is killed too: the guest boots in seconds and
+/// prints a line at every job, so a long silence is a guest that stopped
+/// running (as QEMU's sometimes does in the nested rig), not one working.
 pub fn run(
     mut cmd: Command,
     timeout: Duration,
@@ -50,7 +50,7 @@ pub fn run(
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let console = Arc::new(Mutex::new(String::new()));
     let text = console.clone();
-    let last_line: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let last_line = Arc::new(Mutex::new(Instant::now()));
     let heard = last_line.clone();
     let out_reader = std::thread::spawn(move || {
         let mut r = BufReader::new(stdout);
@@ -60,7 +60,7 @@ pub fn run(
             let l = String::from_utf8_lossy(&line);
             progress(pid, l.trim_end());
             if let Ok(mut h) = heard.lock() {
-                *h = Some(Instant::now());
+                *h = Instant::now();
             }
             if let Ok(mut t) = text.lock() {
                 t.push_str(&l);
@@ -87,11 +87,7 @@ pub fn run(
             status = s.code();
             break;
         }
-        stalled = last_line
-            .lock()
-            .ok()
-            .and_then(|h| *h)
-            .is_some_and(|t| t.elapsed() >= silence);
+        stalled = last_line.lock().is_ok_and(|t| t.elapsed() >= silence);
         if stalled || Instant::now() >= deadline {
             timed_out = true;
             // Our own child, by its handle.
@@ -183,13 +179,27 @@ mod tests {
         assert!(r.timed_out && r.stalled && r.status.is_none());
         assert_eq!(r.console, "started\n");
         assert!(t.elapsed() < Duration::from_secs(20));
-        // Silence before the first line (a guest still booting) is no stall.
+        // Silent from the start: a guest that never boots is a stall too.
+        let mut c = Command::new("sleep");
+        c.arg("30");
+        let r = run(
+            c,
+            Duration::from_secs(60),
+            Duration::from_millis(300),
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(r.stalled && r.console.is_empty());
+        // Lines keep coming, slower than the silence in total: no stall.
         let mut c = Command::new("sh");
-        c.args(["-c", "sleep 1; echo late"]);
+        c.args([
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 0.3; echo $i; done",
+        ]);
         let r = run(
             c,
             Duration::from_secs(20),
-            Duration::from_millis(300),
+            Duration::from_secs(2),
             |_, _| {},
         )
         .unwrap();
