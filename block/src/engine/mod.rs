@@ -19,6 +19,8 @@ use crate::options::{AioMode, DiskOptions};
 use crate::BlockError;
 
 pub mod native;
+#[cfg(test)]
+mod testing;
 pub mod threads;
 pub mod uring;
 

@@ -443,22 +443,15 @@ impl Drop for NativeEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::IoVecs;
+    use crate::engine::testing::{completed_ids, filled, read_op, submit};
     use crate::sg::AlignedBuf;
     use crate::testutil::TempDir;
-    use std::os::unix::fs::OpenOptionsExt;
 
     /// Both ways of reaping (the mapped ring and io_getevents) return every completion.
     #[test]
     fn ring_and_syscall_reaping_agree() {
         let dir = TempDir::new("aio");
-        let path = dir.path().join("f");
-        std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
+        let file = filled(&dir, 0x5a, 1 << 20, true);
         for user_ring in [true, false] {
             let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             let mut e = NativeEngine::new(evt.try_clone().unwrap(), 8).unwrap();
@@ -469,31 +462,15 @@ mod tests {
             e.user_ring = user_ring;
             let mut bufs: Vec<AlignedBuf> = (0..32).map(|_| AlignedBuf::new(4096, 4096)).collect();
             for (i, b) in bufs.iter_mut().enumerate() {
-                let op = EngineOp {
-                    id: i as u64,
-                    fd: file.as_raw_fd(),
-                    kind: OpKind::Read {
-                        offset: i as u64 * 4096,
-                        iovecs: IoVecs(vec![b.iovec(0, 4096).to_libc()]),
-                    },
-                };
-                e.submit(op).map_err(|(e, _)| e).unwrap();
+                let op = read_op(
+                    file.as_raw_fd(),
+                    i as u64,
+                    i as u64 * 4096,
+                    b.as_mut_slice(),
+                );
+                submit(&mut e, op);
             }
-            let mut got = 0;
-            while got < 32 {
-                let mut pfd = libc::pollfd {
-                    fd: evt.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                assert!(unsafe { libc::poll(&mut pfd, 1, 5000) } > 0);
-                let _ = evt.read();
-                while let Some(c) = e.pop_completion() {
-                    assert_eq!(c.result.unwrap(), 4096);
-                    got += 1;
-                }
-            }
+            assert!(completed_ids(&mut e, 32, 4096) == (0..32).collect::<Vec<u64>>());
             drop(e);
             assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x5a)));
         }
@@ -504,27 +481,19 @@ mod tests {
     #[test]
     fn plugged_operations_go_in_one_submit() {
         let dir = TempDir::new("aio-plug");
-        let path = dir.path().join("f");
-        std::fs::write(&path, vec![0x6bu8; 1 << 20]).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
+        let file = filled(&dir, 0x6b, 1 << 20, true);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut e = NativeEngine::new(evt.try_clone().unwrap(), 16).unwrap();
         let mut bufs: Vec<AlignedBuf> = (0..24).map(|_| AlignedBuf::new(4096, 4096)).collect();
         e.plug();
         for (i, b) in bufs.iter_mut().enumerate() {
-            let op = EngineOp {
-                id: i as u64,
-                fd: file.as_raw_fd(),
-                kind: OpKind::Read {
-                    offset: i as u64 * 4096,
-                    iovecs: IoVecs(vec![b.iovec(0, 4096).to_libc()]),
-                },
-            };
-            e.submit(op).map_err(|(e, _)| e).unwrap();
+            let op = read_op(
+                file.as_raw_fd(),
+                i as u64,
+                i as u64 * 4096,
+                b.as_mut_slice(),
+            );
+            submit(&mut e, op);
         }
         assert_eq!(
             (e.held.len(), e.inflight.len()),
@@ -534,17 +503,7 @@ mod tests {
         assert_eq!(e.waiting.len(), 8);
         e.unplug();
         assert_eq!((e.held.len(), e.inflight.len()), (0, 16));
-        let mut got = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while got.len() < 24 {
-            assert!(std::time::Instant::now() < deadline, "missing: {got:?}");
-            while let Some(c) = e.pop_completion() {
-                assert_eq!(c.result.unwrap(), 4096);
-                got.push(c.id);
-            }
-        }
-        got.sort_unstable();
-        assert!(got == (0..24).collect::<Vec<u64>>(), "{got:?}");
+        assert!(completed_ids(&mut e, 24, 4096) == (0..24).collect::<Vec<u64>>());
         drop(e);
         assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x6b)));
     }

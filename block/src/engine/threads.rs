@@ -302,24 +302,11 @@ impl Drop for ThreadsEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::testing::{next, read_op, submit};
     use crate::engine::IoVecs;
     use crate::testutil::TempDir;
     use std::os::fd::AsRawFd;
     use std::time::Duration;
-
-    fn read_op(fd: i32, id: u64, offset: u64, buf: &mut [u8]) -> EngineOp {
-        EngineOp {
-            id,
-            fd,
-            kind: OpKind::Read {
-                offset,
-                iovecs: IoVecs(vec![libc::iovec {
-                    iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: buf.len(),
-                }]),
-            },
-        }
-    }
 
     fn engine(threads: usize, page_cache: bool) -> ThreadsEngine {
         ThreadsEngine::new(
@@ -328,21 +315,6 @@ mod tests {
             page_cache,
         )
         .unwrap()
-    }
-
-    fn submit(e: &mut ThreadsEngine, op: EngineOp) {
-        e.submit(op).map_err(|(e, _)| e).unwrap();
-    }
-
-    /// Wait (up to 5 s) for the next completion.
-    fn next(e: &mut ThreadsEngine) -> EngineCompletion {
-        for _ in 0..5000 {
-            if let Some(c) = e.pop_completion() {
-                return c;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        panic!("no completion within 5 s");
     }
 
     fn file_with(dir: &TempDir, len: usize) -> (std::fs::File, Vec<u8>) {

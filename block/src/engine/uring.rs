@@ -213,7 +213,7 @@ impl Drop for UringEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::IoVecs;
+    use crate::engine::testing::{completed_ids, filled, read_op, submit};
     use crate::sg::AlignedBuf;
     use crate::testutil::TempDir;
 
@@ -222,53 +222,30 @@ mod tests {
     #[test]
     fn plugged_reads_wait_for_unplug() {
         let dir = TempDir::new("uring-plug");
-        let path = dir.path().join("f");
-        std::fs::write(&path, vec![0x3cu8; 64 << 10]).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
+        let file = filled(&dir, 0x3c, 64 << 10, false);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut e = UringEngine::new(evt.try_clone().unwrap(), 32).unwrap();
         let mut bufs: Vec<AlignedBuf> = (0..16).map(|_| AlignedBuf::new(4096, 4096)).collect();
-        let read = |e: &mut UringEngine, i: usize, b: &mut AlignedBuf| {
-            let op = EngineOp {
-                id: i as u64,
-                fd: file.as_raw_fd(),
-                kind: OpKind::Read {
-                    offset: i as u64 * 4096,
-                    iovecs: IoVecs(vec![b.iovec(0, 4096).to_libc()]),
-                },
-            };
-            e.submit(op).map_err(|(e, _)| e).unwrap();
-        };
+        let fd = file.as_raw_fd();
         e.plug();
         for (i, b) in bufs.iter_mut().enumerate().take(15) {
-            read(&mut e, i, b);
+            submit(
+                &mut e,
+                read_op(fd, i as u64, i as u64 * 4096, b.as_mut_slice()),
+            );
         }
         assert_eq!(e.ring.submission().len(), 15, "held in user space");
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!e.ready() && e.pop_completion().is_none());
         e.unplug();
         assert!(e.ring.submission().is_empty());
-        let (last, rest) = bufs.split_last_mut().unwrap();
-        read(&mut e, 15, last);
+        submit(&mut e, read_op(fd, 15, 15 * 4096, bufs[15].as_mut_slice()));
         assert!(
             e.ring.submission().is_empty(),
             "unplugged: submitted at once"
         );
-        let mut got = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while got.len() < 16 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "completions missing: {got:?}"
-            );
-            while let Some(c) = e.pop_completion() {
-                assert_eq!(c.result.unwrap(), 4096);
-                got.push(c.id);
-            }
-        }
-        got.sort_unstable();
-        assert!(got == (0..16).collect::<Vec<u64>>(), "{got:?}");
+        assert!(completed_ids(&mut e, 16, 4096) == (0..16).collect::<Vec<u64>>());
         drop(e);
-        assert!(rest.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x3c)));
+        assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x3c)));
     }
 }
