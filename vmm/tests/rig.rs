@@ -722,6 +722,22 @@ fn compare_measures_every_disk_and_job_under_platter_and_qemu() {
         !out.contains("IDE/virtio-blk under"),
         "no IDE disk, no controller gap"
     );
+    // Platter's guest RAM starts on 2 MiB boundaries with MADV_HUGEPAGE (L1 has THP), so
+    // KVM maps at least part of it with 2 MiB pages (all of it with 4 KiB ones before).
+    let huge = out.lines().find_map(|l| {
+        l.trim_start()
+            .strip_prefix("platter")?
+            .trim_start()
+            .strip_prefix("guest memory: KVM maps ")?
+            .split(' ')
+            .next()?
+            .parse::<u64>()
+            .ok()
+    });
+    assert!(
+        huge.is_some_and(|mib| mib > 0),
+        "KVM maps none of Platter's guest RAM with 2 MiB pages: {huge:?}"
+    );
 
     let svg = std::fs::read_to_string(&chart).expect("the chart was written");
     assert!(svg.starts_with("<svg"), "not an SVG");
