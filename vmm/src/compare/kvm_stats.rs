@@ -82,23 +82,9 @@ pub fn process_ids(pid: u32) -> Vec<u32> {
 /// live idle one only adds a constant). None when there is no such VM or its
 /// files can't be read.
 pub fn read(root: &Path, ids: &[u32]) -> Option<Counts> {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(root)
-        .ok()?
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let name = e.file_name();
-            let (pid, _fd) = name.to_str()?.split_once('-')?;
-            ids.contains(&pid.parse().ok()?).then(|| e.path())
-        })
-        .collect();
-    if dirs.is_empty() {
-        return None;
-    }
     let mut sum = Counts::default();
-    for d in dirs {
-        let n = |f: &str| -> Option<u64> {
-            std::fs::read_to_string(d.join(f)).ok()?.trim().parse().ok()
-        };
+    for d in vm_dirs(root, ids)? {
+        let n = |f: &str| counter(&d, f);
         sum.exits += n("exits")?;
         sum.io_exits += n("io_exits")?;
         sum.mmio_exits += n("mmio_exits")?;
@@ -108,33 +94,40 @@ pub fn read(root: &Path, ids: &[u32]) -> Option<Counts> {
     Some(sum)
 }
 
+/// KVM's directories of the VMs one of `ids` created; None when there is none.
+fn vm_dirs(root: &Path, ids: &[u32]) -> Option<Vec<PathBuf>> {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name();
+            let (pid, _fd) = name.to_str()?.split_once('-')?;
+            ids.contains(&pid.parse().ok()?).then(|| e.path())
+        })
+        .collect();
+    (!dirs.is_empty()).then_some(dirs)
+}
+
+/// One statistic of a VM's directory.
+fn counter(dir: &Path, name: &str) -> Option<u64> {
+    std::fs::read_to_string(dir.join(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Guest memory KVM maps in its second-level (EPT/NPT) tables for the VMs of `ids`, in MiB:
 /// (in 4 KiB pages, in 2 MiB pages), from the VM statistics `pages_4k` and `pages_2m`.
 /// Guest RAM a VMM maps misaligned or without transparent huge pages ends up in 4 KiB
 /// entries, which makes every TLB miss of the guest dearer.
 pub fn mapped_mib(root: &Path, ids: &[u32]) -> Option<(u64, u64)> {
     let mut sum = (0, 0);
-    let mut any = false;
-    for e in std::fs::read_dir(root).ok()?.flatten() {
-        let name = e.file_name();
-        let Some((pid, _fd)) = name.to_str().and_then(|n| n.split_once('-')) else {
-            continue;
-        };
-        if !pid.parse().is_ok_and(|p: u32| ids.contains(&p)) {
-            continue;
-        }
-        let n = |f: &str| -> Option<u64> {
-            std::fs::read_to_string(e.path().join(f))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        };
-        sum.0 += n("pages_4k")? * 4 / 1024;
-        sum.1 += n("pages_2m")? * 2;
-        any = true;
+    for d in vm_dirs(root, ids)? {
+        sum.0 += counter(&d, "pages_4k")? * 4 / 1024;
+        sum.1 += counter(&d, "pages_2m")? * 2;
     }
-    any.then_some(sum)
+    Some(sum)
 }
 
 /// Turns the guest's markers into per-job exit counts for one VMM process.
