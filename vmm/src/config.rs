@@ -177,6 +177,14 @@ fn default_poll_max_ns() -> u64 {
     platter_devices::virtio::io_poll::DEFAULT_POLL_MAX_NS
 }
 
+/// The polling window of the I/O thread `name`: its `[[iothread]]` setting, else the default.
+pub fn poll_max_ns(threads: &[IoThreadConfig], name: &str) -> u64 {
+    threads
+        .iter()
+        .find(|t| t.id == name)
+        .map_or_else(default_poll_max_ns, |t| t.poll_max_ns)
+}
+
 /// The longest polling window accepted: beyond a millisecond spinning only burns a CPU.
 pub const MAX_POLL_NS: u64 = 1_000_000;
 

@@ -9,7 +9,7 @@ use kvm_ioctls::VmFd;
 use platter_block::{open_disk, Disk, DiskOptions, ThrottleGroup};
 use platter_devices::bus::Bus;
 use platter_devices::ide::{self, IdeDriveConfig, IrqLevel, PiixIde, PiixVariant};
-use platter_devices::virtio::{self, io_poll, BlkConfig, IoThread, VirtioBlk, VirtioPciDevice};
+use platter_devices::virtio::{self, BlkConfig, IoThread, VirtioBlk, VirtioPciDevice};
 use std::sync::RwLock;
 use vm_memory::GuestMemoryMmap;
 
@@ -173,7 +173,7 @@ pub struct Wiring<'a> {
 /// The named I/O threads: each made on first use with its `[[iothread]]` settings (or
 /// the defaults) and shared by every disk that names it.
 pub struct NamedThreads {
-    poll_max_ns: HashMap<String, u64>,
+    config: Vec<IoThreadConfig>,
     running: HashMap<String, Arc<IoThread>>,
 }
 
@@ -181,10 +181,7 @@ impl NamedThreads {
     /// Threads with the settings of `[[iothread]]`; none runs yet.
     pub fn new(config: &[IoThreadConfig]) -> Self {
         Self {
-            poll_max_ns: config
-                .iter()
-                .map(|t| (t.id.clone(), t.poll_max_ns))
-                .collect(),
+            config: config.to_vec(),
             running: HashMap::new(),
         }
     }
@@ -194,11 +191,7 @@ impl NamedThreads {
         if let Some(t) = self.running.get(name) {
             return Ok(t.clone());
         }
-        let poll = self
-            .poll_max_ns
-            .get(name)
-            .copied()
-            .unwrap_or(io_poll::DEFAULT_POLL_MAX_NS);
+        let poll = config::poll_max_ns(&self.config, name);
         let t = Arc::new(IoThread::with_poll_max(name, poll)?);
         self.running.insert(name.to_string(), t.clone());
         Ok(t)

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use platter_devices::virtio::io_poll;
 
-use crate::config::{AioMode, CacheMode, Config, Controller, DiskConfig, DiskFormat, Media};
+use crate::config::{self, AioMode, CacheMode, Config, Controller, DiskConfig, DiskFormat, Media};
 
 use super::plan::Subject;
 
@@ -247,12 +247,6 @@ pub fn args(cfg: &Config, subjects: &[Subject], cmdline: &str) -> Result<Vec<Str
     // Disks naming the same I/O thread share it; the others get their own. Each polls as
     // Platter's thread does (its `[[iothread]]`, else Platter's default, which is not
     // QEMU's): equivalent options.
-    let poll_of = |name: &str| {
-        cfg.iothreads
-            .iter()
-            .find(|t| t.id == name)
-            .map_or(io_poll::DEFAULT_POLL_MAX_NS, |t| t.poll_max_ns)
-    };
     let threads: Vec<Option<(String, u64)>> = cfg
         .disks
         .iter()
@@ -263,7 +257,7 @@ pub fn args(cfg: &Config, subjects: &[Subject], cmdline: &str) -> Result<Vec<Str
             has_iothread(d.controller).then(|| {
                 d.iothread.as_ref().and_then(|t| t.0.first()).map_or_else(
                     || (own_iothread(n), io_poll::DEFAULT_POLL_MAX_NS),
-                    |t| (named_iothread(t), poll_of(t)),
+                    |t| (named_iothread(t), config::poll_max_ns(&cfg.iothreads, t)),
                 )
             })
         })
