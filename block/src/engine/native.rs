@@ -158,10 +158,38 @@ impl NativeEngine {
         let mut ops = std::mem::take(&mut self.held);
         while !ops.is_empty() {
             let mut iocbs: Vec<Iocb> = ops.iter().map(|op| self.iocb(op)).collect();
-            let mut list: Vec<*mut Iocb> = iocbs.iter_mut().map(|i| i as *mut Iocb).collect();
+            match self.io_submit(&mut iocbs) {
+                Ok(taken) => {
+                    for (op, iocb) in ops.drain(..taken.min(ops.len())).zip(&iocbs) {
+                        self.inflight.insert(iocb.aio_data, op);
+                    }
+                }
+                // The context is full: the rest waits for slots, in order.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && !self.inflight.is_empty() => {
+                    for op in ops.drain(..).rev() {
+                        self.waiting.push_front(op);
+                    }
+                }
+                // The first one is refused; the others may still go.
+                Err(e) => {
+                    let op = ops.remove(0);
+                    self.done.push_back(EngineCompletion {
+                        id: op.id,
+                        result: Err(e),
+                    });
+                }
+            }
+        }
+    }
+
+    /// io_submit of `iocbs` (again when interrupted): how many the kernel took, at least one.
+    fn io_submit(&self, iocbs: &mut [Iocb]) -> io::Result<usize> {
+        let mut list: Vec<*mut Iocb> = iocbs.iter_mut().map(|i| i as *mut Iocb).collect();
+        loop {
             // SAFETY: `list` points at valid iocbs that outlive the call; their iovec arrays
-            // are owned by the operations, which go to `inflight` for as long as the kernel
-            // has them (module contract of `engine`).
+            // are owned by the operations, which the caller keeps in `inflight` for as long
+            // as the kernel has them, and the buffers are kept by the submitter (module
+            // contract of `engine`).
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_io_submit,
@@ -171,33 +199,15 @@ impl NativeEngine {
                 )
             };
             if r > 0 {
-                let taken = (r as usize).min(ops.len());
-                for (op, iocb) in ops.drain(..taken).zip(&iocbs) {
-                    self.inflight.insert(iocb.aio_data, op);
-                }
-                continue;
+                return Ok(r as usize);
             }
             let e = if r < 0 {
                 io::Error::last_os_error()
             } else {
                 io::Error::other("io_submit accepted no request")
             };
-            match e.raw_os_error() {
-                Some(libc::EINTR) => {}
-                // The context is full: the rest waits for slots, in order.
-                Some(libc::EAGAIN) if !self.inflight.is_empty() => {
-                    for op in ops.drain(..).rev() {
-                        self.waiting.push_front(op);
-                    }
-                }
-                // The first one is refused; the others may still go.
-                _ => {
-                    let op = ops.remove(0);
-                    self.done.push_back(EngineCompletion {
-                        id: op.id,
-                        result: Err(e),
-                    });
-                }
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
             }
         }
     }
@@ -236,39 +246,18 @@ impl NativeEngine {
     }
 
     fn push(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
-        let mut iocb = self.iocb(&op);
-        let key = iocb.aio_data;
-        let mut list = [&mut iocb as *mut Iocb];
-        loop {
-            // SAFETY: one valid iocb; its iovec array is owned by `op`, which is kept in
-            // `inflight` until the completion is reaped, and the buffers are kept by the
-            // submitter (module contract of `engine`).
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_io_submit,
-                    self.ctx,
-                    1 as libc::c_long,
-                    list.as_mut_ptr(),
-                )
-            };
-            if r == 1 {
-                self.inflight.insert(key, op);
-                return Ok(());
+        let mut iocb = [self.iocb(&op)];
+        match self.io_submit(&mut iocb) {
+            Ok(_) => {
+                self.inflight.insert(iocb[0].aio_data, op);
+                Ok(())
             }
-            let e = if r < 0 {
-                io::Error::last_os_error()
-            } else {
-                io::Error::other("io_submit accepted no request")
-            };
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                // The context is full: wait for a slot.
-                Some(libc::EAGAIN) if !self.inflight.is_empty() => {
-                    self.waiting.push_front(op);
-                    return Ok(());
-                }
-                _ => return Err((BlockError::Submit(e), op)),
+            // The context is full: wait for a slot.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && !self.inflight.is_empty() => {
+                self.waiting.push_front(op);
+                Ok(())
             }
+            Err(e) => Err((BlockError::Submit(e), op)),
         }
     }
 
