@@ -299,6 +299,16 @@ impl Worker {
         }
     }
 
+    /// Collect the completions the disk already has (requests that finished while being
+    /// submitted, or while the thread polled), so they go back in this batch; true if any.
+    fn collect_ready(&mut self) -> bool {
+        let ready = self.disk.ready();
+        if ready {
+            self.handle_completions();
+        }
+        ready
+    }
+
     /// Collect disk completions and retry waiting requests.
     pub(super) fn handle_completions(&mut self) {
         for (tag, result) in self.disk.completions() {
@@ -439,10 +449,7 @@ impl IoWork for Worker {
         if pos < self.queues.len() {
             let _ = self.queues[pos].vq.notify.read();
             self.process_queue(pos);
-            // Requests that finished while being submitted go back in this batch.
-            if self.disk.ready() {
-                self.handle_completions();
-            }
+            self.collect_ready();
         }
     }
 
@@ -472,20 +479,14 @@ impl IoWork for Worker {
                 self.drain(pos);
             }
         }
-        if self.disk.ready() {
-            self.handle_completions();
-            found = true;
-        }
-        found
+        self.collect_ready() || found
     }
 
     fn poll_end(&mut self) {
         for pos in 0..self.queues.len() {
             self.process_queue(pos);
         }
-        if self.disk.ready() {
-            self.handle_completions();
-        }
+        self.collect_ready();
     }
 
     fn begin_drain(&mut self) {
