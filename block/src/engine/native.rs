@@ -432,7 +432,7 @@ impl Drop for NativeEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{completed_ids, filled, read_op, submit};
+    use crate::engine::testing::{completed_ids, filled, submit_reads};
     use crate::sg::AlignedBuf;
     use crate::testutil::TempDir;
 
@@ -450,15 +450,7 @@ mod tests {
             );
             e.user_ring = user_ring;
             let mut bufs: Vec<AlignedBuf> = (0..32).map(|_| AlignedBuf::new(4096, 4096)).collect();
-            for (i, b) in bufs.iter_mut().enumerate() {
-                let op = read_op(
-                    file.as_raw_fd(),
-                    i as u64,
-                    i as u64 * 4096,
-                    b.as_mut_slice(),
-                );
-                submit(&mut e, op);
-            }
+            submit_reads(&mut e, file.as_raw_fd(), &mut bufs, 0);
             assert!(completed_ids(&mut e, 32, 4096) == (0..32).collect::<Vec<u64>>());
             drop(e);
             assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x5a)));
@@ -475,15 +467,7 @@ mod tests {
         let mut e = NativeEngine::new(evt.try_clone().unwrap(), 16).unwrap();
         let mut bufs: Vec<AlignedBuf> = (0..24).map(|_| AlignedBuf::new(4096, 4096)).collect();
         e.plug();
-        for (i, b) in bufs.iter_mut().enumerate() {
-            let op = read_op(
-                file.as_raw_fd(),
-                i as u64,
-                i as u64 * 4096,
-                b.as_mut_slice(),
-            );
-            submit(&mut e, op);
-        }
+        submit_reads(&mut e, file.as_raw_fd(), &mut bufs, 0);
         assert_eq!(
             (e.held.len(), e.inflight.len()),
             (16, 0),

@@ -4,6 +4,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 use super::{Engine, EngineCompletion, EngineOp, IoVecs, OpKind};
+use crate::sg::AlignedBuf;
 use crate::testutil::TempDir;
 
 /// A read of `buf.len()` bytes at `offset` into `buf`.
@@ -18,6 +19,15 @@ pub fn read_op(fd: i32, id: u64, offset: u64, buf: &mut [u8]) -> EngineOp {
                 iov_len: buf.len(),
             }]),
         },
+    }
+}
+
+/// Submit a read into each of `bufs`: read `first + i` fills `bufs[i]` from offset
+/// `(first + i) * len`.
+pub fn submit_reads(e: &mut dyn Engine, fd: i32, bufs: &mut [AlignedBuf], first: u64) {
+    for (id, b) in (first..).zip(bufs.iter_mut()) {
+        let len = b.len() as u64;
+        submit(e, read_op(fd, id, id * len, b.as_mut_slice()));
     }
 }
 

@@ -213,7 +213,7 @@ impl Drop for UringEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{completed_ids, filled, read_op, submit};
+    use crate::engine::testing::{completed_ids, filled, submit_reads};
     use crate::sg::AlignedBuf;
     use crate::testutil::TempDir;
 
@@ -228,18 +228,13 @@ mod tests {
         let mut bufs: Vec<AlignedBuf> = (0..16).map(|_| AlignedBuf::new(4096, 4096)).collect();
         let fd = file.as_raw_fd();
         e.plug();
-        for (i, b) in bufs.iter_mut().enumerate().take(15) {
-            submit(
-                &mut e,
-                read_op(fd, i as u64, i as u64 * 4096, b.as_mut_slice()),
-            );
-        }
+        submit_reads(&mut e, fd, &mut bufs[..15], 0);
         assert_eq!(e.ring.submission().len(), 15, "held in user space");
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!e.ready() && e.pop_completion().is_none());
         e.unplug();
         assert!(e.ring.submission().is_empty());
-        submit(&mut e, read_op(fd, 15, 15 * 4096, bufs[15].as_mut_slice()));
+        submit_reads(&mut e, fd, &mut bufs[15..], 15);
         assert!(
             e.ring.submission().is_empty(),
             "unplugged: submitted at once"
