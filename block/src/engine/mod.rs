@@ -117,6 +117,10 @@ pub struct EngineCompletion {
 
 /// An asynchronous engine. Completions are announced by writing to the eventfd given at
 /// construction; dropping the engine waits for every operation in flight.
+///
+/// One signal may stand for several completions, and no new signal comes for a completion
+/// that arrives while earlier ones wait to be taken: after the eventfd fires, the consumer
+/// reads (resets) it first and then calls [`Engine::pop_completion`] until it returns None.
 pub trait Engine: Send {
     /// Which engine this is.
     fn mode(&self) -> AioMode;
