@@ -748,6 +748,23 @@ fn compare_measures_every_disk_and_job_under_platter_and_qemu() {
     let numbers = std::fs::read_to_string(&json).expect("the JSON was written");
     assert_eq!(numbers.matches("\"job\": ").count(), bars / 2);
     assert_eq!(numbers.matches("\"exits_per_io\": ").count(), bars);
+    // Host CPU per I/O, for both VMMs: the vCPU threads found by name (Platter's `vcpu0`,
+    // QEMU's `CPU 0/KVM`), so their share is above 0, and the rest measured too.
+    for key in ["\"vmm_cpu_us_per_io\": ", "\"vcpu_cpu_us_per_io\": "] {
+        let values: Vec<&str> = numbers
+            .split(key)
+            .skip(1)
+            .map(|rest| rest.split([',', '}']).next().unwrap_or(""))
+            .collect();
+        assert_eq!(values.len(), bars, "{key} per sample");
+        assert!(
+            values
+                .iter()
+                .all(|v| v.parse::<f64>().is_ok_and(|x| x > 0.0)),
+            "{key}: {values:?}"
+        );
+    }
+    assert!(out.contains("Host CPU per I/O outside the vCPUs"), "{out}");
 }
 
 /// IDE under Platter and under QEMU (PIIX IDE on the `pc` machine), beside

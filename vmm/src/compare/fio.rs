@@ -31,6 +31,11 @@ pub struct Sample {
     pub irqs_per_io: Option<f64>,
     /// HLT exits per I/O (how often the vCPU sat waiting).
     pub halts_per_io: Option<f64>,
+    /// The VMM's host CPU per I/O outside its vCPU threads, in microseconds (device
+    /// emulation, I/O threads, workers; see `cpu_time`).
+    pub vmm_cpu_us_per_io: Option<f64>,
+    /// The vCPU threads' host CPU per I/O in microseconds (the guest's own time included).
+    pub vcpu_cpu_us_per_io: Option<f64>,
 }
 
 impl Sample {
@@ -41,6 +46,14 @@ impl Sample {
             self.pio_mmio_per_io = Some((c.io_exits + c.mmio_exits) as f64 / self.ios);
             self.irqs_per_io = Some(c.irq_injections as f64 / self.ios);
             self.halts_per_io = Some(c.halt_exits as f64 / self.ios);
+        }
+    }
+
+    /// Fill the per-I/O host CPU numbers from a job's CPU times.
+    pub fn set_cpu(&mut self, c: super::cpu_time::CpuTimes) {
+        if self.ios > 0.0 {
+            self.vmm_cpu_us_per_io = Some(c.other_ns() as f64 / 1000.0 / self.ios);
+            self.vcpu_cpu_us_per_io = Some(c.vcpu_ns as f64 / 1000.0 / self.ios);
         }
     }
 }
@@ -133,10 +146,7 @@ pub fn parse_terse(line: &str) -> Result<(String, Sample), String> {
             bw_kib: rbw + wbw,
             clat_us,
             ios: ((riops * rms + wiops * wms) / 1000.0).round(),
-            exits_per_io: None,
-            pio_mmio_per_io: None,
-            irqs_per_io: None,
-            halts_per_io: None,
+            ..Sample::default()
         },
     ))
 }

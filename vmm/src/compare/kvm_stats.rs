@@ -22,6 +22,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::cpu_time::{self, CpuTimes};
+
+/// Where the kernel shows processes.
+const PROC: &str = "/proc";
+
 /// Where KVM's per-VM directories are on a normal host.
 pub const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
 /// The marker the guest prints just before a job.
@@ -130,14 +135,20 @@ pub fn mapped_mib(root: &Path, ids: &[u32]) -> Option<(u64, u64)> {
     Some(sum)
 }
 
-/// Turns the guest's markers into per-job exit counts for one VMM process.
+/// A job: (disk serial, job name).
+type JobKey = (String, String);
+
+/// Turns the guest's markers into per-job exit counts and host CPU times for one VMM
+/// process.
 #[derive(Debug)]
 pub struct ExitMeter {
     root: PathBuf,
-    /// The job running now and the counters when it started.
-    running: Option<((String, String), Counts)>,
+    /// The job running now, and the counters and CPU times when it started.
+    running: Option<(JobKey, Option<Counts>, Option<CpuTimes>)>,
     /// (serial, job) -> exits during the job.
-    pub jobs: BTreeMap<(String, String), Counts>,
+    pub jobs: BTreeMap<JobKey, Counts>,
+    /// (serial, job) -> the VMM's host CPU time during the job.
+    pub cpu: BTreeMap<JobKey, CpuTimes>,
 }
 
 impl ExitMeter {
@@ -147,6 +158,7 @@ impl ExitMeter {
             root: root.to_path_buf(),
             running: None,
             jobs: BTreeMap::new(),
+            cpu: BTreeMap::new(),
         }
     }
 
@@ -154,14 +166,21 @@ impl ExitMeter {
     pub fn line(&mut self, pid: u32, line: &str) {
         let line = line.trim_end_matches('\r');
         if let Some(rest) = line.strip_prefix(GO) {
-            self.running = rest.split_once(' ').and_then(|(serial, job)| {
-                let now = read(&self.root, &process_ids(pid))?;
-                Some(((serial.to_string(), job.trim().to_string()), now))
+            self.running = rest.split_once(' ').map(|(serial, job)| {
+                (
+                    (serial.to_string(), job.trim().to_string()),
+                    read(&self.root, &process_ids(pid)),
+                    cpu_time::read(Path::new(PROC), pid),
+                )
             });
         } else if line.trim_end() == END {
-            if let Some((key, start)) = self.running.take() {
-                if let Some(now) = read(&self.root, &process_ids(pid)) {
-                    self.jobs.insert(key, now.since(start));
+            if let Some((key, start, cpu_start)) = self.running.take() {
+                if let (Some(start), Some(now)) = (start, read(&self.root, &process_ids(pid))) {
+                    self.jobs.insert(key.clone(), now.since(start));
+                }
+                if let (Some(start), Some(now)) = (cpu_start, cpu_time::read(Path::new(PROC), pid))
+                {
+                    self.cpu.insert(key, now.since(start));
                 }
             }
         }

@@ -15,6 +15,7 @@
 //! [`results`] (ratios, JSON), [`table`] and [`svg`] (the report).
 
 mod boot;
+mod cpu_time;
 mod fio;
 mod guest;
 mod kvm_stats;
@@ -418,13 +419,23 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
                 .find(|(s, _)| s == serial)
                 .map_or(serial, |(_, id)| id.as_str());
             if let Ok((job, mut s)) = fio::parse_terse(terse) {
-                if let Some(c) = m.jobs.get(&(serial.to_string(), job.clone())) {
+                let key = (serial.to_string(), job.clone());
+                if let Some(c) = m.jobs.get(&key) {
                     s.set_exits(*c);
+                }
+                if let Some(c) = m.cpu.get(&key) {
+                    s.set_cpu(*c);
                 }
                 let exits = s
                     .exits_per_io
                     .map_or(String::new(), |e| format!(", {e:.1} exits/IO"));
-                eprintln!("  {who:<8} {id:<16} {job:<20} {:>10.0} IOPS{exits}", s.iops);
+                let cpu = s.vmm_cpu_us_per_io.map_or(String::new(), |c| {
+                    format!(", {c:.0} us host CPU/IO outside vCPUs")
+                });
+                eprintln!(
+                    "  {who:<8} {id:<16} {job:<20} {:>10.0} IOPS{exits}{cpu}",
+                    s.iops
+                );
             }
         } else if line.starts_with("CMPFAIL ") {
             eprintln!("  {who:<8} {line}");
@@ -437,6 +448,11 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
         for (key, counts) in &m.jobs {
             if let Some(s) = report.samples.get_mut(key) {
                 s.set_exits(*counts);
+            }
+        }
+        for (key, cpu) in &m.cpu {
+            if let Some(s) = report.samples.get_mut(key) {
+                s.set_cpu(*cpu);
             }
         }
     }

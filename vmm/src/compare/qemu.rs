@@ -228,6 +228,9 @@ pub fn args(cfg: &Config, subjects: &[Subject], cmdline: &str) -> Result<Vec<Str
         "-serial",
         "stdio",
         "-no-reboot",
+        // Thread names ("CPU 0/KVM") tell the vCPUs from the rest in the host CPU per I/O.
+        "-name",
+        "platter-compare,debug-threads=on",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -428,7 +431,7 @@ mod tests {
         ));
         let subjects = super::super::plan::subjects(&cfg).unwrap();
         let a = args(&cfg, &subjects, "console=ttyS0").unwrap().join(" ");
-        assert!(a.starts_with("-machine q35,accel=kvm -cpu host -nodefaults -no-user-config -display none -serial stdio -no-reboot -smp 2 -m 512M -kernel /k -initrd /i -append console=ttyS0 "), "{a}");
+        assert!(a.starts_with("-machine q35,accel=kvm -cpu host -nodefaults -no-user-config -display none -serial stdio -no-reboot -name platter-compare,debug-threads=on -smp 2 -m 512M -kernel /k -initrd /i -append console=ttyS0 "), "{a}");
         assert!(
             a.contains("-object iothread,id=io0,poll-max-ns=0 -object iothread,id=io1,poll-max-ns=0 -drive"),
             "{a}"

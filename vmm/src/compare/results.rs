@@ -224,7 +224,7 @@ pub fn to_json(info: &RunInfo, disks: &[DiskResult]) -> String {
     let sample = |s: Option<Sample>| {
         match s {
         Some(s) => format!(
-            "{{\"iops\": {}, \"bw_kib\": {}, \"clat_mean_us\": {}, \"ios\": {}, \"exits_per_io\": {}, \"pio_mmio_exits_per_io\": {}, \"irqs_per_io\": {}, \"halts_per_io\": {}}}",
+            "{{\"iops\": {}, \"bw_kib\": {}, \"clat_mean_us\": {}, \"ios\": {}, \"exits_per_io\": {}, \"pio_mmio_exits_per_io\": {}, \"irqs_per_io\": {}, \"halts_per_io\": {}, \"vmm_cpu_us_per_io\": {}, \"vcpu_cpu_us_per_io\": {}}}",
             num(s.iops),
             num(s.bw_kib),
             num(s.clat_us),
@@ -232,7 +232,9 @@ pub fn to_json(info: &RunInfo, disks: &[DiskResult]) -> String {
             opt(s.exits_per_io),
             opt(s.pio_mmio_per_io),
             opt(s.irqs_per_io),
-            opt(s.halts_per_io)
+            opt(s.halts_per_io),
+            opt(s.vmm_cpu_us_per_io),
+            opt(s.vcpu_cpu_us_per_io)
         ),
         None => "null".into(),
     }
@@ -312,10 +314,7 @@ pub(super) mod tests {
             bw_kib: iops * 4.0,
             clat_us: 100.0,
             ios: iops,
-            exits_per_io: None,
-            pio_mmio_per_io: None,
-            irqs_per_io: None,
-            halts_per_io: None,
+            ..Sample::default()
         }
     }
 
@@ -406,7 +405,7 @@ pub(super) mod tests {
         assert_eq!(d.jobs[1].ratio_spread(), None);
         let j = to_json(&info, &[d]);
         assert!(j.contains("\"config\": \"c\\\"fg.toml\""), "{j}");
-        assert!(j.contains("{\"job\": \"r\", \"platter\": {\"iops\": 2.5, \"bw_kib\": 10, \"clat_mean_us\": 100, \"ios\": 2.5, \"exits_per_io\": 12.25, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null}, \"qemu\": {\"iops\": 1, \"bw_kib\": 4, \"clat_mean_us\": 100, \"ios\": 1, \"exits_per_io\": null, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null}, \"ratio\": 2.5, \"round_ratios\": [0.5, 2.5]}"), "{j}");
+        assert!(j.contains("{\"job\": \"r\", \"platter\": {\"iops\": 2.5, \"bw_kib\": 10, \"clat_mean_us\": 100, \"ios\": 2.5, \"exits_per_io\": 12.25, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null, \"vmm_cpu_us_per_io\": null, \"vcpu_cpu_us_per_io\": null}, \"qemu\": {\"iops\": 1, \"bw_kib\": 4, \"clat_mean_us\": 100, \"ios\": 1, \"exits_per_io\": null, \"pio_mmio_exits_per_io\": null, \"irqs_per_io\": null, \"halts_per_io\": null, \"vmm_cpu_us_per_io\": null, \"vcpu_cpu_us_per_io\": null}, \"ratio\": 2.5, \"round_ratios\": [0.5, 2.5]}"), "{j}");
         assert!(j.contains("\"exit_counts\": true,"), "{j}");
         assert!(
             j.contains("\"qemu\": null, \"ratio\": null, \"round_ratios\": []"),

@@ -123,6 +123,7 @@ pub fn render(disks: &[DiskResult]) -> String {
         }
         out.push('\n');
     }
+    out += &cpu_lines(disks);
     for d in disks {
         match d.mean_ratio() {
             Some((m, n)) => {
@@ -147,6 +148,39 @@ pub fn render(disks: &[DiskResult]) -> String {
         }
     }
     out
+}
+
+/// Host CPU per I/O outside the vCPUs, a line per disk (empty when it was not measured):
+/// what a request costs each VMM's device side, which exits per I/O do not show.
+fn cpu_lines(disks: &[DiskResult]) -> String {
+    let us = |s: Option<Sample>| {
+        s.and_then(|s| s.vmm_cpu_us_per_io)
+            .map_or("-".into(), |c| format!("{c:.0}"))
+    };
+    let lines: Vec<String> = disks
+        .iter()
+        .filter(|d| {
+            d.jobs.iter().any(|j| {
+                j.platter.is_some_and(|s| s.vmm_cpu_us_per_io.is_some())
+                    || j.qemu.is_some_and(|s| s.vmm_cpu_us_per_io.is_some())
+            })
+        })
+        .map(|d| {
+            let jobs: Vec<String> = d
+                .jobs
+                .iter()
+                .map(|j| format!("{} {}/{}", j.job, us(j.platter), us(j.qemu)))
+                .collect();
+            format!("  {}: {}\n", d.id, jobs.join(", "))
+        })
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "Host CPU per I/O outside the vCPUs (device emulation, I/O threads, workers), us, platter/qemu:\n{}\n",
+        lines.concat()
+    )
 }
 
 /// One line per VMM and setting where IDE and virtio-blk disks ran the same
@@ -176,6 +210,28 @@ mod tests {
             config: i.config.clone(),
             ..*i
         }
+    }
+
+    #[test]
+    fn host_cpu_per_io_gets_a_line_per_measured_disk() {
+        let mut a = disk(
+            "a",
+            &[("randread-4k-qd1", 1000.0, Some(500.0)), ("w", 20.0, None)],
+        );
+        let plain = render(std::slice::from_ref(&a));
+        assert!(!plain.contains("Host CPU"), "nothing measured: {plain}");
+        if let Some(s) = a.jobs[0].platter.as_mut() {
+            s.vmm_cpu_us_per_io = Some(12.4);
+        }
+        if let Some(s) = a.jobs[0].qemu.as_mut() {
+            s.vmm_cpu_us_per_io = Some(30.6);
+        }
+        let t = render(&[a, disk("b", &[("r", 7.0, None)])]);
+        assert!(
+            t.contains("platter/qemu:\n  a: randread-4k-qd1 12/31, w -/-\n\n"),
+            "{t}"
+        );
+        assert!(!t.contains("  b: "), "b was not measured: {t}");
     }
 
     #[test]
