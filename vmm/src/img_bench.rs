@@ -159,7 +159,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Ok(false) => continue,
             Err(e) => return Err(format!("poll: {e}")),
         }
-        for (_, result) in disk.completions() {
+        for (_, result) in disk.take_ready() {
             in_flight -= 1;
             completed += 1;
             if let Err(e) = result {
