@@ -309,7 +309,13 @@ impl Worker {
         ready
     }
 
-    /// Collect disk completions and retry waiting requests.
+    /// Collect disk completions, interrupt the driver for them, and retry waiting requests.
+    ///
+    /// The interrupt goes before anything else this thread does in the same wake-up (the
+    /// requests the driver kicked for, retried ones): a submission is a system call that
+    /// in a nested guest costs hundreds of microseconds, and the driver refills its queue
+    /// only once it sees the completions. (Deferred to the end of the wake-up, 128 KiB
+    /// reads at depth 8 in the rig waited that much longer than under QEMU.)
     pub(super) fn handle_completions(&mut self) {
         for (tag, result) in self.disk.completions() {
             if let Err(e) = &result {
@@ -317,6 +323,7 @@ impl Worker {
             }
             self.finish_part(tag, result.is_ok());
         }
+        self.signal_used();
         self.sync_wce();
         while let Some(req) = self.pending.pop_front() {
             if !self.submit_one(req) {
@@ -448,6 +455,9 @@ impl IoWork for Worker {
         let pos = usize::from(local);
         if pos < self.queues.len() {
             let _ = self.queues[pos].vq.notify.read();
+            // Completions already posted go back before this kick's submissions (see
+            // handle_completions); looking costs no system call.
+            self.collect_ready();
             self.process_queue(pos);
             self.collect_ready();
         }

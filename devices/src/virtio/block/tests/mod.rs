@@ -276,6 +276,25 @@ fn batch_of_requests_is_one_interrupt() {
     }
 }
 
+/// Completions interrupt the driver as soon as they are collected, not at the end of the
+/// thread's wake-up, where the submissions of the same wake-up would delay them.
+#[test]
+fn completions_interrupt_before_the_wake_up_ends() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, blk_config());
+    header(&mem, req_type::IN, 0);
+    rig.push(&[(HEADER, 16, 0), (DATA, 4096, F_WRITE), status_desc()]);
+    rig.worker.process_queue(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.used_idx() == 0 {
+        assert!(Instant::now() < deadline, "request stuck in flight");
+        std::thread::sleep(Duration::from_millis(1));
+        rig.worker.handle_completions();
+    }
+    assert_eq!(rig.irq.queue_signals(), 1, "interrupt without after_batch");
+    assert_eq!(rig.status(), OK);
+}
+
 #[test]
 fn event_idx_suppresses_interrupts_until_used_event() {
     let mem = memory();
