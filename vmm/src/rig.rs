@@ -2,7 +2,12 @@
 //! boot a stock guest: the rig runs a TCG QEMU with nested SVM whose Debian
 //! kernel offers a real KVM, and runs the same Platter command line in it.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Find `guests/rig`: `$PLATTER_RIG`, else above the binary, else above the config.
 pub fn find(config: &Path) -> Option<PathBuf> {
@@ -33,8 +38,220 @@ pub fn command(rig: &Path, args: &[String]) -> Vec<String> {
     v
 }
 
+/// The rig's own failure status (guests/rig: the rig failed, not the command).
+const RIG_FAILED: i32 = 125;
+/// How guests/rig says L1 went down before the command reported its status.
+const L1_STOPPED: &str = "rig: L1 stopped";
+
+/// Run the rig command `cmd`, its output passed through, and return its exit status. When
+/// L1 itself went down before the command finished (the rig says so on stderr and exits
+/// 125), or printed nothing for `silence` (an L1 that stopped making progress: the rig's
+/// own timeout would wait out the whole run), kill it and everything it started and run
+/// it once more: in long comparisons the nested rig's L1 now and then stops or hangs
+/// (seen a few times in multi-round runs, always while QEMU was the L2's VMM), and the
+/// whole run would otherwise be lost. `told` gets the reason for the second attempt.
+pub fn run_retrying(
+    cmd: &[String],
+    silence: Duration,
+    told: &dyn Fn(&str),
+) -> std::io::Result<i32> {
+    for attempt in 1..=2 {
+        let (code, trouble) = run_watched(cmd, silence)?;
+        match trouble {
+            Some(why) if attempt == 1 => told(&why),
+            _ => return Ok(code),
+        }
+    }
+    unreachable!("the loop returns on its second attempt")
+}
+
+/// One run of `cmd`: its exit status, and why it deserves another attempt, if it does.
+fn run_watched(cmd: &[String], silence: Duration) -> std::io::Result<(i32, Option<String>)> {
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let start = Instant::now();
+    // Milliseconds after `start` of the last output.
+    let last = Arc::new(AtomicU64::new(0));
+    let stderr_text = Arc::new(Mutex::new(Vec::new()));
+    let out = child.stdout.take().map(|r| {
+        let last = last.clone();
+        std::thread::spawn(move || pass_through(r, std::io::stdout(), &last, start, None))
+    });
+    let err = child.stderr.take().map(|r| {
+        let (last, text) = (last.clone(), stderr_text.clone());
+        std::thread::spawn(move || pass_through(r, std::io::stderr(), &last, start, Some(&text)))
+    });
+    let (code, wedged) = loop {
+        if let Some(status) = child.try_wait()? {
+            break (status.code().unwrap_or(1), false);
+        }
+        let quiet_ms =
+            (start.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
+        if quiet_ms > silence.as_millis() as u64 {
+            kill_tree(child.id());
+            let status = child.wait()?;
+            break (status.code().unwrap_or(1), true);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for t in [out, err].into_iter().flatten() {
+        let _ = t.join();
+    }
+    if wedged {
+        return Ok((
+            code,
+            Some(format!(
+                "the rig printed nothing for {} s",
+                silence.as_secs()
+            )),
+        ));
+    }
+    let text = stderr_text
+        .lock()
+        .map(|t| String::from_utf8_lossy(&t).into_owned())
+        .unwrap_or_default();
+    let stopped = code == RIG_FAILED && text.lines().any(|l| l.starts_with(L1_STOPPED));
+    Ok((code, stopped.then(|| "the rig's L1 went down".to_string())))
+}
+
+/// Copy `from` to `to` as it comes (progress lines need not end in a newline), noting the
+/// time of each piece in `last` and keeping a copy in `keep`.
+fn pass_through(
+    mut from: impl Read,
+    mut to: impl Write,
+    last: &AtomicU64,
+    start: Instant,
+    keep: Option<&Mutex<Vec<u8>>>,
+) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let _ = to.write_all(&buf[..n]);
+        let _ = to.flush();
+        if let Some(k) = keep {
+            if let Ok(mut k) = k.lock() {
+                k.extend_from_slice(&buf[..n]);
+            }
+        }
+    }
+}
+
+/// SIGKILL `pid` and every process descending from it (the rig script, its timeout, the
+/// L1 QEMU), found by their parents in /proc.
+fn kill_tree(pid: u32) {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let p: u32 = e.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                    let ppid = stat[stat.rfind(')')? + 1..]
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    for p in tree {
+        // SAFETY: kill only sends a signal; a process that is already gone is ESRCH.
+        unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
 /// Replace this process with the rig running `cmd`; returns only on failure.
 pub fn exec(cmd: &[String]) -> std::io::Error {
     use std::os::unix::process::CommandExt;
     std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for guests/rig running the shell script `body`.
+    fn fake_rig(dir: &Path, body: &str) -> Vec<String> {
+        let script = dir.join("rig.sh");
+        std::fs::write(&script, body).unwrap();
+        vec!["sh".into(), script.display().to_string()]
+    }
+
+    fn run(
+        dir: &Path,
+        body: &str,
+        silence: Duration,
+        told: &std::cell::RefCell<Vec<String>>,
+    ) -> i32 {
+        run_retrying(&fake_rig(dir, body), silence, &|why| {
+            told.borrow_mut().push(why.into())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_run_whose_l1_stopped_or_hung_goes_once_more() {
+        let dir = std::env::temp_dir().join(format!("platter-rig-retry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("tried");
+        let told = std::cell::RefCell::new(Vec::new());
+        let long = Duration::from_secs(60);
+
+        // Down once, then fine: the second attempt's status.
+        let body = format!(
+            "if [ -e {m} ]; then exit 3; fi\ntouch {m}\necho 'rig: L1 stopped (QEMU exit status 0) without reporting' >&2\nexit 125\n",
+            m = marker.display()
+        );
+        assert_eq!(run(&dir, &body, long, &told), 3);
+        assert_eq!(told.borrow().as_slice(), ["the rig's L1 went down"]);
+
+        // Down twice: the second failure stands. Other rig failures are not retried.
+        let always = "echo 'rig: L1 stopped (QEMU exit status 0)' >&2\nexit 125\n";
+        assert_eq!(run(&dir, always, long, &told), 125);
+        assert_eq!(told.borrow().len(), 2);
+        let other = "echo 'rig: qemu-system-x86_64 is missing' >&2\nexit 125\n";
+        assert_eq!(run(&dir, other, long, &told), 125);
+        assert_eq!(told.borrow().len(), 2, "not retried");
+        assert_eq!(run(&dir, "exit 0\n", long, &told), 0);
+
+        // Silent past the limit: killed with what it started, and run again.
+        std::fs::remove_file(&marker).unwrap();
+        let pid_file = dir.join("sleeper");
+        let hang = format!(
+            "if [ -e {m} ]; then exit 0; fi\ntouch {m}\necho working\nsleep 30 &\necho $! > {p}\nwait\n",
+            m = marker.display(),
+            p = pid_file.display()
+        );
+        let start = Instant::now();
+        assert_eq!(run(&dir, &hang, Duration::from_secs(1), &told), 0);
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(told.borrow()[2], "the rig printed nothing for 1 s");
+        let sleeper = std::fs::read_to_string(&pid_file).unwrap();
+        let alive = std::fs::read_to_string(format!("/proc/{}/stat", sleeper.trim()))
+            .is_ok_and(|s| !s.contains(") Z "));
+        assert!(!alive, "the rig's child {sleeper} outlived the kill");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -143,7 +143,7 @@ struct Plan {
 pub fn run(args: CompareArgs) -> Result<(), Error> {
     let plan = make_plan(&args)?;
     if let Some(why) = rig_reason(args.rig)? {
-        return Err(to_rig(&args, &why, plan.timeout));
+        return Err(to_rig(&args, &why, &plan));
     }
     let mut info = results::RunInfo {
         config: args.config.display().to_string(),
@@ -367,6 +367,10 @@ fn retry_once(
     }
 }
 
+/// Added to twice a boot's stall limit: how long the rig may print nothing before its L1
+/// counts as stopped (L1's boot and the copies of `--local-copies` come first).
+const RIG_SILENCE_EXTRA_S: u64 = 300;
+
 /// Base of the console silence after which a guest counts as stalled (see Plan::silence).
 const SILENCE_S: u64 = 120;
 
@@ -575,8 +579,10 @@ fn rig_args(args: &CompareArgs) -> Vec<String> {
     a
 }
 
-/// Hand the whole comparison to the rig; returns only on failure.
-fn to_rig(args: &CompareArgs, why: &str, per_boot: Duration) -> Error {
+/// Hand the whole comparison to the rig and exit with its status (a run whose L1 went
+/// down is run once more); returns only when the rig cannot be started.
+fn to_rig(args: &CompareArgs, why: &str, plan: &Plan) -> Error {
+    let per_boot = plan.timeout;
     let Some(script) = crate::rig::find(&args.config) else {
         return Error::Usage(format!(
             "{why}; the nested rig (guests/rig from Platter's repository) was not found: set PLATTER_RIG to its path"
@@ -613,8 +619,18 @@ fn to_rig(args: &CompareArgs, why: &str, per_boot: Duration) -> Error {
         "platter compare: {why}; running it in the nested rig: {}",
         cmd.join(" ")
     );
-    let e = crate::rig::exec(&cmd);
-    Error::Usage(format!("cannot start {}: {e}", cmd[0]))
+    let again = |why: &str| {
+        eprintln!(
+            "platter compare: {why} before the comparison finished; running the whole comparison once more"
+        )
+    };
+    // The rig is silent for a boot's stall limit when a guest stops (compare itself kills
+    // that guest and says so); twice that and more means L1 itself stopped.
+    let silence = 2 * plan.silence + Duration::from_secs(RIG_SILENCE_EXTRA_S);
+    match crate::rig::run_retrying(&cmd, silence, &again) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => Error::Usage(format!("cannot start {}: {e}", cmd[0])),
+    }
 }
 
 #[cfg(test)]
