@@ -117,8 +117,10 @@ fn run_watched(cmd: &[String], silence: Duration) -> std::io::Result<(i32, Optio
     Ok((code, stopped.then(|| "the rig's L1 went down".to_string())))
 }
 
-/// Copy `from` to `to` as it comes (progress lines need not end in a newline), noting the
-/// time of each piece in `last` and keeping a copy in `keep`.
+/// Copy `from` to `to` as it comes (progress lines need not end in a newline), keeping a
+/// copy in `keep`, and note in `last` the time of each complete line that is progress.
+/// L1's kernel messages (`[  224.656060] watchdog: BUG: soft lockup ...`) are not: a hung
+/// L1 prints them every half minute.
 fn pass_through(
     mut from: impl Read,
     mut to: impl Write,
@@ -127,6 +129,7 @@ fn pass_through(
     keep: Option<&Mutex<Vec<u8>>>,
 ) {
     let mut buf = [0u8; 4096];
+    let mut line = Vec::new();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => return,
@@ -134,7 +137,6 @@ fn pass_through(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
-        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         let _ = to.write_all(&buf[..n]);
         let _ = to.flush();
         if let Some(k) = keep {
@@ -142,7 +144,34 @@ fn pass_through(
                 k.extend_from_slice(&buf[..n]);
             }
         }
+        for &b in &buf[..n] {
+            if b != b'\n' {
+                line.push(b);
+                continue;
+            }
+            if !is_kernel_message(&line) {
+                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            line.clear();
+        }
     }
+}
+
+/// Whether `line` is a kernel log line: `[`, a timestamp of spaces, digits and a dot, `]`.
+fn is_kernel_message(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(rest) = line.strip_prefix(b"[") else {
+        return false;
+    };
+    let Some(end) = rest.iter().position(|&b| b == b']') else {
+        return false;
+    };
+    let stamp = &rest[..end];
+    stamp.contains(&b'.')
+        && stamp.iter().any(u8::is_ascii_digit)
+        && stamp
+            .iter()
+            .all(|&b| b == b' ' || b == b'.' || b.is_ascii_digit())
 }
 
 /// SIGKILL `pid` and every process descending from it (the rig script, its timeout, the
@@ -232,11 +261,28 @@ mod tests {
         assert_eq!(told.borrow().len(), 2, "not retried");
         assert_eq!(run(&dir, "exit 0\n", long, &told), 0);
 
+        // Kernel messages are no progress: a rig that prints only those is silent.
+        assert!(is_kernel_message(
+            b"[  224.656060] watchdog: BUG: soft lockup - CPU#1 stuck for 209s! [platter:119]\r"
+        ));
+        for progress in [
+            &b"  platter  raw-none-uring   randread-4k-qd1   933 IOPS"[..],
+            b"platter compare: booting the same guest under QEMU",
+            b"[[disk]]",
+            b"[ ] x",
+        ] {
+            assert!(
+                !is_kernel_message(progress),
+                "{:?}",
+                String::from_utf8_lossy(progress)
+            );
+        }
+
         // Silent past the limit: killed with what it started, and run again.
         std::fs::remove_file(&marker).unwrap();
         let pid_file = dir.join("sleeper");
         let hang = format!(
-            "if [ -e {m} ]; then exit 0; fi\ntouch {m}\necho working\nsleep 30 &\necho $! > {p}\nwait\n",
+            "if [ -e {m} ]; then exit 0; fi\ntouch {m}\necho working\nsleep 30 &\necho $! > {p}\nwhile :; do echo '[   28.655040] watchdog: BUG: soft lockup'; sleep 0.2; done\n",
             m = marker.display(),
             p = pid_file.display()
         );
