@@ -580,7 +580,7 @@ fn rig_args(args: &CompareArgs) -> Vec<String> {
 }
 
 /// Hand the whole comparison to the rig and exit with its status (a run whose L1 went
-/// down is run once more); returns only when the rig cannot be started.
+/// down or hung is run again); returns only when the rig cannot be started.
 fn to_rig(args: &CompareArgs, why: &str, plan: &Plan) -> Error {
     let per_boot = plan.timeout;
     let Some(script) = crate::rig::find(&args.config) else {
@@ -621,7 +621,7 @@ fn to_rig(args: &CompareArgs, why: &str, plan: &Plan) -> Error {
     );
     let again = |why: &str| {
         eprintln!(
-            "platter compare: {why} before the comparison finished; running the whole comparison once more"
+            "platter compare: {why} before the comparison finished; running the whole comparison again"
         )
     };
     // The rig is silent for a boot's stall limit when a guest stops (compare itself kills
