@@ -64,6 +64,11 @@ pub trait FormatDriver: Send {
     fn falloc_passthrough(&self) -> bool {
         false
     }
+    /// Whether every guest range is the same range of the data file (raw), so the pipeline
+    /// can skip [`FormatDriver::map_extents`] for reads and writes.
+    fn identity_mapped(&self) -> bool {
+        false
+    }
     /// For formats whose discard and write-zeroes change where guest data lives (qcow2 frees
     /// clusters, which the next allocation may hand out again): the unit they change it in.
     /// The pipeline keeps engine reads and writes off those units while such a request runs,

@@ -97,6 +97,9 @@ impl FormatDriver for RawDriver {
     fn falloc_passthrough(&self) -> bool {
         true
     }
+    fn identity_mapped(&self) -> bool {
+        true
+    }
     fn map_extents(
         &mut self,
         offset: u64,

@@ -187,7 +187,7 @@ impl SgList {
 
     /// The segments covering bytes `skip..skip + len` of the list.
     pub(crate) fn iovecs_range(&self, skip: usize, mut len: usize) -> Vec<IoVec> {
-        let mut out = self.iovecs_after(skip);
+        let mut out: Vec<IoVec> = self.iovecs_after(skip).collect();
         out.retain_mut(|v| {
             if len == 0 {
                 return false;
@@ -199,23 +199,20 @@ impl SgList {
         out
     }
 
-    /// The segments after the first `skip` bytes.
-    pub(crate) fn iovecs_after(&self, mut skip: usize) -> Vec<IoVec> {
-        let mut out = Vec::new();
-        for v in &self.iovecs {
+    /// The segments after the first `skip` bytes (an iterator, so that a request's host
+    /// iovec array is its one allocation on the I/O path).
+    pub(crate) fn iovecs_after(&self, mut skip: usize) -> impl Iterator<Item = IoVec> + '_ {
+        self.iovecs.iter().filter_map(move |v| {
             if skip >= v.len {
                 skip -= v.len;
-                continue;
+                return None;
             }
             // SAFETY: skip < v.len, so the result points inside the same segment.
             let base = unsafe { v.base.add(skip) };
-            out.push(IoVec {
-                base,
-                len: v.len - skip,
-            });
+            let len = v.len - skip;
             skip = 0;
-        }
-        out
+            Some(IoVec { base, len })
+        })
     }
 }
 
@@ -298,7 +295,7 @@ mod tests {
         let mut g = [0u8; 4];
         mem.read_slice(&mut g, GuestAddress(0x10)).unwrap();
         assert_eq!(g, [0x20, 0x21, 0x22, 0x23]);
-        assert_eq!(sg.iovecs_after(0x18)[0].len, 8);
+        assert_eq!(sg.iovecs_after(0x18).next().unwrap().len, 8);
     }
 
     /// Ranges across segment boundaries: zeroing touches exactly the range, and the

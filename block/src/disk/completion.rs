@@ -17,7 +17,7 @@ impl Disk {
         let EngineCompletion { id, result } = c;
         let part = (id >> PART_SHIFT) as usize;
         let id = id & ID_MASK;
-        let Some(entry) = self.inflight.get_mut(&id) else {
+        let Some(entry) = self.inflight.get_mut(id) else {
             return;
         };
         let action = match &mut entry.state {
@@ -122,7 +122,7 @@ impl Disk {
                 self.send(id, OpKind::Fdatasync);
             }
             Action::RmwWrite => {
-                let Some(e) = self.inflight.get_mut(&id) else {
+                let Some(e) = self.inflight.get_mut(id) else {
                     return;
                 };
                 let State::RmwRead {
@@ -152,7 +152,7 @@ impl Disk {
     }
 
     fn finish_split(&mut self, id: u64) {
-        let Some(e) = self.inflight.get_mut(&id) else {
+        let Some(e) = self.inflight.get_mut(id) else {
             return;
         };
         let State::Split {
@@ -174,7 +174,7 @@ impl Disk {
     }
 
     fn finish_xfer(&mut self, id: u64) {
-        let Some(e) = self.inflight.get_mut(&id) else {
+        let Some(e) = self.inflight.get_mut(id) else {
             return;
         };
         let State::Xfer { buf, then, .. } =

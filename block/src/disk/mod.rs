@@ -27,20 +27,21 @@
 //! Files: `open.rs` (open_disk), this file (submit and starting each kind of request),
 //! `completion.rs` (engine completions: remainders, read-modify-write, finishing),
 //! `close.rs` (finishing and flushing when the machine stops), `throttled.rs`,
-//! `range_lock.rs`, `request.rs`.
+//! `range_lock.rs`, `request.rs`, `slab.rs` (the requests in flight, by id).
 
 mod close;
 mod completion;
 mod open;
 mod range_lock;
 mod request;
+mod slab;
 #[cfg(test)]
 mod stats_throttle_tests;
 #[cfg(test)]
 mod tests;
 mod throttled;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -63,6 +64,7 @@ use crate::BlockError;
 pub use open::open_disk;
 use range_lock::{Range, RangeLock};
 pub use request::{Completion, Request, RequestOp, SubmitError};
+use slab::Slab;
 use throttled::{DiskThrottle, Pending};
 
 /// Where an engine transfer reads from or writes to.
@@ -74,12 +76,7 @@ enum XferBuf {
 impl XferBuf {
     fn iovecs_after(&self, skip: usize) -> IoVecs {
         match self {
-            XferBuf::Guest(sg) => IoVecs(
-                sg.iovecs_after(skip)
-                    .into_iter()
-                    .map(|v| v.to_libc())
-                    .collect(),
-            ),
+            XferBuf::Guest(sg) => IoVecs(sg.iovecs_after(skip).map(|v| v.to_libc()).collect()),
             XferBuf::Bounce(b) => IoVecs(vec![b.iovec(skip, b.len() - skip).to_libc()]),
         }
     }
@@ -172,7 +169,7 @@ struct Done {
 pub struct Disk {
     // Dropped first: the engine waits for operations in flight, whose buffers live below.
     engine: Box<dyn Engine>,
-    inflight: HashMap<u64, InFlight>,
+    inflight: Slab<InFlight>,
     driver: Box<dyn FormatDriver>,
     _lock: Option<ImageLock>,
     evt: EventFd,
@@ -182,7 +179,6 @@ pub struct Disk {
     discard: bool,
     req_align: u64,
     mem_align: usize,
-    next_id: u64,
     ranges: RangeLock,
     done: VecDeque<Done>,
     /// `take_ready` took completions without resetting the eventfd.
@@ -399,25 +395,20 @@ impl Disk {
             kind,
             submitted,
         } = p;
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1) & ID_MASK;
-        let range = self.lock_range(id, &req.op);
-        let mut entry = InFlight {
+        let id = self.inflight.insert(InFlight {
             tag: req.tag,
-            locked: range.is_some(),
+            locked: false,
             state: State::Sync { result: 0 },
             kind,
             submitted,
-        };
+        });
+        let range = self.lock_range(id, &req.op);
+        if let (Some(_), Some(e)) = (&range, self.inflight.get_mut(id)) {
+            e.locked = true;
+        }
         match range {
-            Some(r) if !self.ranges.lock(r) => {
-                entry.state = State::Waiting(req.op);
-                self.inflight.insert(id, entry);
-            }
-            _ => {
-                self.inflight.insert(id, entry);
-                self.start(id, req.op);
-            }
+            Some(r) if !self.ranges.lock(r) => self.set_state(id, State::Waiting(req.op)),
+            _ => self.start(id, req.op),
         }
     }
 
@@ -531,7 +522,7 @@ impl Disk {
     }
 
     fn complete(&mut self, id: u64, result: Result<usize, BlockError>) {
-        let Some(entry) = self.inflight.remove(&id) else {
+        let Some(entry) = self.inflight.remove(id) else {
             return;
         };
         self.done.push_back(Done {
@@ -543,7 +534,7 @@ impl Disk {
             for granted in self.ranges.unlock(id) {
                 let op = match self
                     .inflight
-                    .get_mut(&granted)
+                    .get_mut(granted)
                     .map(|e| std::mem::replace(&mut e.state, State::Sync { result: 0 }))
                 {
                     Some(State::Waiting(op)) => op,
@@ -559,7 +550,7 @@ impl Disk {
     }
 
     fn set_state(&mut self, id: u64, state: State) {
-        if let Some(e) = self.inflight.get_mut(&id) {
+        if let Some(e) = self.inflight.get_mut(id) {
             e.state = state;
         }
     }
@@ -709,6 +700,9 @@ impl Disk {
     ) -> Option<(u64, SgList)> {
         let a = self.req_align;
         let start = align_down(offset, a);
+        if self.driver.identity_mapped() {
+            return Some((start, buf));
+        }
         let end = align_up(offset + buf.len() as u64, a);
         let x = match self.driver.map_extents(start, end - start, write) {
             Ok(Some(x)) => x,
@@ -893,7 +887,7 @@ impl Disk {
         if let Some(InFlight {
             state: State::RmwRead { pending, err, .. },
             ..
-        }) = self.inflight.get_mut(&id)
+        }) = self.inflight.get_mut(id)
         {
             *pending -= (wanted - sent) as u32;
             err.get_or_insert(io::Error::other(e.to_string()));

@@ -86,7 +86,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
     };
     let mut disk = Disk {
         engine,
-        inflight: HashMap::new(),
+        inflight: Slab::default(),
         driver,
         _lock: lock,
         evt,
@@ -96,7 +96,6 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         discard: opts.discard,
         req_align: req_align as u64,
         mem_align,
-        next_id: 0,
         evt_unread: false,
         ranges: RangeLock::default(),
         done: VecDeque::new(),

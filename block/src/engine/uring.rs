@@ -1,5 +1,8 @@
 //! `aio=io_uring`: one ring per disk, completions announced through a registered eventfd.
 //!
+//! A read or write of one segment goes in as IORING_OP_READ / IORING_OP_WRITE (where the
+//! kernel has them, 5.6 on), which spares the kernel the iovec import of READV / WRITEV.
+//!
 //! Operations beyond the ring's capacity wait in a local queue and enter the ring as earlier
 //! ones complete, so the completion queue can never overflow.
 
@@ -24,6 +27,8 @@ pub struct UringEngine {
     done: VecDeque<EngineCompletion>,
     /// Submission entries are queued without io_uring_enter until unplugged.
     plugged: bool,
+    /// The kernel has IORING_OP_READ and IORING_OP_WRITE.
+    plain_rw: bool,
     _evt: EventFd,
 }
 
@@ -44,6 +49,10 @@ impl UringEngine {
             .register_eventfd(evt.as_raw_fd())
             .map_err(BlockError::IoUringSetup)?;
         let capacity = ring.params().sq_entries() as usize;
+        let mut probe = io_uring::Probe::new();
+        let plain_rw = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::Read::CODE)
+            && probe.is_supported(opcode::Write::CODE);
         Ok(UringEngine {
             ring,
             inflight: HashMap::new(),
@@ -52,29 +61,48 @@ impl UringEngine {
             waiting: VecDeque::new(),
             done: VecDeque::new(),
             plugged: false,
+            plain_rw,
             _evt: evt,
         })
     }
 
-    fn entry(op: &EngineOp) -> squeue::Entry {
+    fn entry(&self, op: &EngineOp) -> squeue::Entry {
         let fd = types::Fd(op.fd);
         match &op.kind {
-            OpKind::Read { offset, iovecs } => {
-                let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize) as u32;
-                opcode::Readv::new(fd, iovecs.0.as_ptr(), cnt)
-                    .offset(*offset)
-                    .build()
-            }
+            OpKind::Read { offset, iovecs } => match iovecs.0.as_slice() {
+                [one] if self.plain_rw && one.iov_len <= u32::MAX as usize => {
+                    opcode::Read::new(fd, one.iov_base.cast(), one.iov_len as u32)
+                        .offset(*offset)
+                        .build()
+                }
+                all => {
+                    let cnt = all.len().min(libc::UIO_MAXIOV as usize) as u32;
+                    opcode::Readv::new(fd, all.as_ptr(), cnt)
+                        .offset(*offset)
+                        .build()
+                }
+            },
             OpKind::Write {
                 offset,
                 iovecs,
                 dsync,
             } => {
-                let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize) as u32;
-                opcode::Writev::new(fd, iovecs.0.as_ptr(), cnt)
-                    .offset(*offset)
-                    .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
-                    .build()
+                let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
+                match iovecs.0.as_slice() {
+                    [one] if self.plain_rw && one.iov_len <= u32::MAX as usize => {
+                        opcode::Write::new(fd, one.iov_base.cast(), one.iov_len as u32)
+                            .offset(*offset)
+                            .rw_flags(flags)
+                            .build()
+                    }
+                    all => {
+                        let cnt = all.len().min(libc::UIO_MAXIOV as usize) as u32;
+                        opcode::Writev::new(fd, all.as_ptr(), cnt)
+                            .offset(*offset)
+                            .rw_flags(flags)
+                            .build()
+                    }
+                }
             }
             OpKind::Fdatasync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
@@ -90,7 +118,7 @@ impl UringEngine {
     fn push(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
         let key = self.next_key;
         self.next_key = self.next_key.wrapping_add(1);
-        let entry = Self::entry(&op).user_data(key);
+        let entry = self.entry(&op).user_data(key);
         // SAFETY: the entry's iovec array and buffers stay valid until the completion is reaped:
         // the array is owned by `op`, kept in `inflight` until then, and the buffers are kept by
         // the submitter (module contract of `engine`).
