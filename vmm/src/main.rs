@@ -19,6 +19,7 @@ mod rig;
 mod stop;
 mod terminal;
 mod vm;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

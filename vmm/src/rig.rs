@@ -2,12 +2,12 @@
 //! boot a stock guest: the rig runs a TCG QEMU with nested SVM whose Debian
 //! kernel offers a real KVM, and runs the same Platter command line in it.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::watch::{self, Kill, Limits, Stream};
 
 /// Find `guests/rig`: `$PLATTER_RIG`, else above the binary, else above the config.
 pub fn find(config: &Path) -> Option<PathBuf> {
@@ -71,40 +71,28 @@ pub fn run_retrying(
 
 /// One run of `cmd`: its exit status, and why it deserves another attempt, if it does.
 fn run_watched(cmd: &[String], silence: Duration) -> std::io::Result<(i32, Option<String>)> {
-    let mut child = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let start = Instant::now();
-    // Milliseconds after `start` of the last output.
-    let last = Arc::new(AtomicU64::new(0));
-    let stderr_text = Arc::new(Mutex::new(Vec::new()));
-    let out = child.stdout.take().map(|r| {
-        let last = last.clone();
-        std::thread::spawn(move || pass_through(r, std::io::stdout(), &last, start, None))
-    });
-    let err = child.stderr.take().map(|r| {
-        let (last, text) = (last.clone(), stderr_text.clone());
-        std::thread::spawn(move || pass_through(r, std::io::stderr(), &last, start, Some(&text)))
-    });
-    let (code, wedged) = loop {
-        if let Some(status) = child.try_wait()? {
-            break (status.code().unwrap_or(1), false);
-        }
-        let quiet_ms =
-            (start.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
-        if quiet_ms > silence.as_millis() as u64 {
-            kill_tree(child.id());
-            let status = child.wait()?;
-            break (status.code().unwrap_or(1), true);
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    let mut command = Command::new(&cmd[0]);
+    command.args(&cmd[1..]);
+    // L1's kernel messages (`[  224.656060] watchdog: BUG: soft lockup ...`) are not
+    // progress: a hung L1 prints them every half minute.
+    let passed = |to: Box<dyn Write + Send>, keep| Stream {
+        echo: Some(to),
+        keep,
+        judge: Some(Box::new(|_, line: &[u8]| !is_kernel_message(line))),
     };
-    for t in [out, err].into_iter().flatten() {
-        let _ = t.join();
-    }
-    if wedged {
+    let limits = Limits {
+        timeout: None,
+        silence,
+        kill: Kill::Tree,
+    };
+    let out = watch::run(
+        command,
+        &limits,
+        passed(Box::new(std::io::stdout()), false),
+        passed(Box::new(std::io::stderr()), true),
+    )?;
+    let code = out.status.unwrap_or(1);
+    if out.stalled {
         return Ok((
             code,
             Some(format!(
@@ -113,52 +101,9 @@ fn run_watched(cmd: &[String], silence: Duration) -> std::io::Result<(i32, Optio
             )),
         ));
     }
-    let text = stderr_text
-        .lock()
-        .map(|t| String::from_utf8_lossy(&t).into_owned())
-        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&out.stderr);
     let stopped = code == RIG_FAILED && text.lines().any(|l| l.starts_with(L1_STOPPED));
     Ok((code, stopped.then(|| "the rig's L1 went down".to_string())))
-}
-
-/// Copy `from` to `to` as it comes (progress lines need not end in a newline), keeping a
-/// copy in `keep`, and note in `last` the time of each complete line that is progress.
-/// L1's kernel messages (`[  224.656060] watchdog: BUG: soft lockup ...`) are not: a hung
-/// L1 prints them every half minute.
-fn pass_through(
-    mut from: impl Read,
-    mut to: impl Write,
-    last: &AtomicU64,
-    start: Instant,
-    keep: Option<&Mutex<Vec<u8>>>,
-) {
-    let mut buf = [0u8; 4096];
-    let mut line = Vec::new();
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        let _ = to.write_all(&buf[..n]);
-        let _ = to.flush();
-        if let Some(k) = keep {
-            if let Ok(mut k) = k.lock() {
-                k.extend_from_slice(&buf[..n]);
-            }
-        }
-        for &b in &buf[..n] {
-            if b != b'\n' {
-                line.push(b);
-                continue;
-            }
-            if !is_kernel_message(&line) {
-                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-            }
-            line.clear();
-        }
-    }
 }
 
 /// Whether `line` is a kernel log line: `[`, a timestamp of spaces, digits and a dot, `]`.
@@ -178,38 +123,6 @@ fn is_kernel_message(line: &[u8]) -> bool {
             .all(|&b| b == b' ' || b == b'.' || b.is_ascii_digit())
 }
 
-/// SIGKILL `pid` and every process descending from it (the rig script, its timeout, the
-/// L1 QEMU), found by their parents in /proc.
-fn kill_tree(pid: u32) {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let p: u32 = e.file_name().to_str()?.parse().ok()?;
-                    let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-                    let ppid = stat[stat.rfind(')')? + 1..]
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()?;
-                    Some((p, ppid))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut tree = vec![pid];
-    let mut i = 0;
-    while i < tree.len() {
-        let p = tree[i];
-        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    for p in tree {
-        // SAFETY: kill only sends a signal; a process that is already gone is ESRCH.
-        unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
-    }
-}
-
 /// Replace this process with the rig running `cmd`; returns only on failure.
 pub fn exec(cmd: &[String]) -> std::io::Error {
     use std::os::unix::process::CommandExt;
@@ -219,6 +132,7 @@ pub fn exec(cmd: &[String]) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     /// A stand-in for guests/rig running the shell script `body`.
     fn fake_rig(dir: &Path, body: &str) -> Vec<String> {

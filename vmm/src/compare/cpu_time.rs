@@ -53,8 +53,7 @@ pub fn is_vcpu_thread(comm: &str) -> bool {
 /// is in parentheses and may hold spaces and parentheses itself, so fields are counted
 /// after its last `)`.
 fn stat_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11); // field 3 (state) is the first
+    let mut fields = crate::watch::stat_fields(stat)?.skip(11); // field 3 (state) is the first
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
