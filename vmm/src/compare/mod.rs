@@ -23,6 +23,7 @@ mod plan;
 mod qemu;
 mod results;
 mod scratch;
+mod stall;
 mod svg;
 mod table;
 
@@ -321,6 +322,7 @@ fn platter_command(args: &CompareArgs, plan: &Plan) -> Result<Command, Error> {
         .map_err(|e| Error::Usage(format!("cannot find Platter's own executable: {e}")))?;
     let mut c = Command::new(exe);
     c.arg("run").arg(&args.config).arg("--rig=never");
+    c.arg(format!("--stats-file={}", stall::stats_path().display()));
     for o in &plan.overrides {
         c.arg(format!("--set={o}"));
     }
@@ -494,6 +496,14 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
     } else {
         missing(plan, &report).map(|m| format!("{who}: no result for {m}"))
     };
+    if who == "platter" {
+        if run.timed_out {
+            if let Some(held) = stall::in_flight(&stall::stats_path()) {
+                eprintln!("--- platter: its disks when it was killed\n{held}");
+            }
+        }
+        let _ = std::fs::remove_file(stall::stats_path());
+    }
     if let Some(p) = problem {
         eprintln!("--- {who}: last lines of the guest console");
         eprintln!("{}", boot::tail(&run.console, boot::TAIL_LINES));
