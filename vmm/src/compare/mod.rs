@@ -340,10 +340,10 @@ fn measure_round(
     platter: &mut Vec<fio::Report>,
     qemu: &mut Vec<fio::Report>,
 ) -> Result<(), Error> {
-    platter.push(retry_once("platter", plan, || platter_command(args, plan))?);
+    platter.push(retry_boot("platter", plan, || platter_command(args, plan))?);
     if let Some((bin, qargs)) = &plan.qemu {
         eprintln!("platter compare: booting the same guest under QEMU");
-        qemu.push(retry_once("qemu", plan, || {
+        qemu.push(retry_boot("qemu", plan, || {
             let mut c = Command::new(bin);
             c.args(qargs);
             Ok(c)
@@ -352,19 +352,27 @@ fn measure_round(
     Ok(())
 }
 
-/// Boot a VMM and measure; a boot that fails is tried once more (a guest of the nested rig
-/// now and then stops running: QEMU 7.2's did, twice in six boots of one run), and the
-/// second failure is the error.
-fn retry_once(
+/// Boots of one VMM per round at most: a guest of the nested rig now and then stops running
+/// or triple-faults (QEMU 7.2's twice in six boots of one run; Platter's twice in a row in
+/// one three-disk run, each time on the writeback/threads disk).
+const BOOT_ATTEMPTS: u32 = 3;
+
+/// Boot a VMM and measure; a boot that fails is tried again, up to [`BOOT_ATTEMPTS`] boots,
+/// and the last failure is the error.
+fn retry_boot(
     who: &'static str,
     plan: &Plan,
     cmd: impl Fn() -> Result<Command, Error>,
 ) -> Result<fio::Report, Error> {
-    match boot_and_measure(who, cmd()?, plan) {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            eprintln!("platter compare: {e}; booting {who} once more");
-            boot_and_measure(who, cmd()?, plan)
+    let mut attempt = 1;
+    loop {
+        match boot_and_measure(who, cmd()?, plan) {
+            Ok(r) => return Ok(r),
+            Err(e) if attempt < BOOT_ATTEMPTS => {
+                eprintln!("platter compare: {e}; booting {who} once more");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -621,8 +629,10 @@ fn to_rig(args: &CompareArgs, why: &str, plan: &Plan) -> Error {
             ));
         }
     }
-    // One boot more than the rounds need: a failed boot is tried again once.
-    let timeout = (2 * u64::from(args.rounds) + 1) * per_boot.as_secs() + RIG_ALLOWANCE_S;
+    // Room for the boots of the rounds and the retries of one failing boot (failed boots
+    // are mostly cut short by the stall limit, well before a whole boot's time).
+    let boots = 2 * u64::from(args.rounds) + u64::from(BOOT_ATTEMPTS) - 1;
+    let timeout = boots * per_boot.as_secs() + RIG_ALLOWANCE_S;
     let mut cmd = crate::rig::command(&script, &rig_args(args));
     cmd.splice(1..1, ["--timeout".to_string(), timeout.to_string()]);
     eprintln!(
