@@ -1,7 +1,6 @@
 //! `aio=native`: Linux AIO (io_setup / io_submit / io_getevents) through raw syscalls.
 //!
-//! Reads and writes go to the kernel as IOCB_CMD_PREADV / IOCB_CMD_PWRITEV (IOCB_CMD_PREAD /
-//! IOCB_CMD_PWRITE when they have one segment, which spares the kernel the iovec import) with
+//! Reads and writes go to the kernel as IOCB_CMD_PREADV / IOCB_CMD_PWRITEV with
 //! IOCB_FLAG_RESFD, so every completion bumps the disk's eventfd. Completions are reaped from
 //! the AIO ring the kernel maps at the context address (as libaio and QEMU do), falling back to
 //! io_getevents when the ring header is not the known layout. fdatasync and fallocate have no
@@ -37,8 +36,6 @@ use super::{Engine, EngineCompletion, EngineOp, OpKind};
 use crate::options::AioMode;
 use crate::BlockError;
 
-const IOCB_CMD_PREAD: u16 = 0;
-const IOCB_CMD_PWRITE: u16 = 1;
 const IOCB_CMD_PREADV: u16 = 7;
 const IOCB_CMD_PWRITEV: u16 = 8;
 const IOCB_FLAG_RESFD: u32 = 1;
@@ -233,29 +230,14 @@ impl NativeEngine {
         };
         let key = self.next_key;
         self.next_key = self.next_key.wrapping_add(1);
-        let (opcode, buf, nbytes) = match iovecs.0.as_slice() {
-            [one] => (
-                if opcode == IOCB_CMD_PREADV {
-                    IOCB_CMD_PREAD
-                } else {
-                    IOCB_CMD_PWRITE
-                },
-                one.iov_base as u64,
-                one.iov_len as u64,
-            ),
-            all => (
-                opcode,
-                all.as_ptr() as u64,
-                all.len().min(libc::UIO_MAXIOV as usize) as u64,
-            ),
-        };
+        let cnt = iovecs.0.len().min(libc::UIO_MAXIOV as usize);
         Iocb {
             aio_data: key,
             aio_rw_flags: rw_flags,
             aio_lio_opcode: opcode,
             aio_fildes: op.fd as u32,
-            aio_buf: buf,
-            aio_nbytes: nbytes,
+            aio_buf: iovecs.0.as_ptr() as u64,
+            aio_nbytes: cnt as u64,
             aio_offset: offset as i64,
             aio_flags: IOCB_FLAG_RESFD,
             aio_resfd: self.evt.as_raw_fd() as u32,
