@@ -119,8 +119,10 @@ pub struct EngineCompletion {
 /// construction; dropping the engine waits for every operation in flight.
 ///
 /// One signal may stand for several completions, and no new signal comes for a completion
-/// that arrives while earlier ones wait to be taken: after the eventfd fires, the consumer
-/// reads (resets) it first and then calls [`Engine::pop_completion`] until it returns None.
+/// that arrives while the eventfd is still readable from an earlier one: after the eventfd
+/// fires, the consumer reads (resets) it first, then calls [`Engine::rearm`], then
+/// [`Engine::pop_completion`] until it returns None. A consumer may also pop without
+/// resetting (after a submission, say); the eventfd then stays readable until it does.
 pub trait Engine: Send {
     /// Which engine this is.
     fn mode(&self) -> AioMode;
@@ -128,6 +130,9 @@ pub trait Engine: Send {
     fn submit(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)>;
     /// Take the next finished operation, if any.
     fn pop_completion(&mut self) -> Option<EngineCompletion>;
+    /// The consumer has just reset the eventfd: signal again for the next completion.
+    /// (Engines whose completions the kernel signals, each one, have nothing to do.)
+    fn rearm(&mut self) {}
     /// Whether a finished operation can be taken now, known without a system call (false
     /// when the engine cannot tell that cheaply).
     fn ready(&mut self) -> bool {

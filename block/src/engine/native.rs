@@ -380,6 +380,10 @@ impl Engine for NativeEngine {
         !self.done.is_empty() || self.pool.ready()
     }
 
+    fn rearm(&mut self) {
+        self.pool.rearm();
+    }
+
     fn plug(&mut self) {
         self.plugged = true;
     }
