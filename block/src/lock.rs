@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::BlockError;
 
@@ -50,10 +51,30 @@ fn ofd_lock(fd: RawFd, cmd: libc::c_int, typ: libc::c_int, start: i64) -> io::Re
     }
 }
 
+/// How long a conflict is looked at again before it is reported.
+const CONFLICT_GRACE: Duration = Duration::from_millis(250);
+
 impl ImageLock {
     /// Take the locks for a reader (`readonly`) or a writer on `file`, failing with
-    /// [`BlockError::Locked`] when another open of the image conflicts.
+    /// [`BlockError::Locked`] when another open of the image conflicts for longer than
+    /// [`CONFLICT_GRACE`]: an open file description can outlive its close() for a moment
+    /// (a child process forked meanwhile holds it until it execs, io_uring and Linux AIO
+    /// may drop their last reference from a kernel worker), and an image closed and opened
+    /// again at once, by this process or after another one exited, must not fail for it.
+    /// (Seen: the block crate's tests, which reopen images while others spawn processes.)
     pub fn acquire(file: &File, path: &Path, readonly: bool) -> Result<ImageLock, BlockError> {
+        let deadline = Instant::now() + CONFLICT_GRACE;
+        loop {
+            match Self::try_acquire(file, path, readonly) {
+                Err(BlockError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn try_acquire(file: &File, path: &Path, readonly: bool) -> Result<ImageLock, BlockError> {
         let (perm, shared) = if readonly {
             (PERM_CONSISTENT_READ, PERM_ALL & !PERM_WRITE)
         } else {
@@ -167,6 +188,28 @@ mod tests {
         assert!(err
             .to_string()
             .contains("is another process using the image"));
+    }
+
+    /// A conflicting descriptor closed within the grace (as a forked child's copy closes
+    /// when it execs) does not fail the open; one that stays fails it after the grace.
+    #[test]
+    fn a_conflict_that_goes_away_at_once_is_waited_out() {
+        let (_d, path) = image();
+        let a = open(&path);
+        let la = ImageLock::acquire(&a, &path, false).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(40));
+            drop((la, a));
+        });
+        let b = open(&path);
+        let start = Instant::now();
+        ImageLock::acquire(&b, &path, false).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        closer.join().unwrap();
+        let c = open(&path);
+        let start = Instant::now();
+        assert!(ImageLock::acquire(&c, &path, false).is_err());
+        assert!(start.elapsed() >= CONFLICT_GRACE);
     }
 
     #[test]
