@@ -396,18 +396,15 @@ impl Disk {
             kind,
             submitted,
         } = p;
+        let range = self.lock_range(&req.op);
         let id = self.inflight.insert(InFlight {
             tag: req.tag,
-            locked: false,
+            locked: range.is_some(),
             state: State::Sync { result: 0 },
             kind,
             submitted,
         });
-        let range = self.lock_range(id, &req.op);
-        if let (Some(_), Some(e)) = (&range, self.inflight.get_mut(id)) {
-            e.locked = true;
-        }
-        match range {
+        match range.map(|r| Range { id, ..r }) {
             Some(r) if !self.ranges.lock(r) => self.set_state(id, State::Waiting(req.op)),
             _ => self.start(id, req.op),
         }
@@ -486,8 +483,9 @@ impl Disk {
     /// The range a request must hold, if any. Writes hold theirs shared (exclusive for
     /// read-modify-write). Where discard and write-zeroes can free clusters (qcow2), they
     /// hold every cluster they touch exclusively and reads hold theirs shared, so no engine
-    /// operation is in flight on a cluster while it is freed and handed out again.
-    fn lock_range(&self, id: u64, op: &RequestOp) -> Option<Range> {
+    /// operation is in flight on a cluster while it is freed and handed out again. Its id is
+    /// 0: the request gets its id once it is in flight, and the range with it.
+    fn lock_range(&self, op: &RequestOp) -> Option<Range> {
         let a = self.req_align;
         let remap = self.driver.remap_granularity();
         let (offset, len, exclusive, unit) = match op {
@@ -517,7 +515,7 @@ impl Disk {
             return None;
         }
         Some(Range {
-            id,
+            id: 0,
             start: align_down(offset, unit),
             end: align_up(offset + len, unit),
             exclusive,

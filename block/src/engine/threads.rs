@@ -10,7 +10,8 @@
 //! way io_uring serves cached reads inline. Handing a cached 4 KiB read to a worker and back
 //! cost 30-40 µs of wake-ups against 2 µs of copying (`scripts/bench-img.sh`, rr4k-d1
 //! writeback: 0.07x of fio psync). A read that would block, or comes back short, goes to a
-//! worker whole. Small buffered writes (not RWF_DSYNC) run on the submitting thread too, as a
+//! worker whole. Buffered writes (not RWF_DSYNC) up to [`INLINE_WRITE_MAX`] run on the
+//! submitting thread too, as a
 //! plain pwritev2, at any queue depth: a buffered write is a copy into the page cache under
 //! the file's inode lock, which ext4 and XFS take exclusively, so workers writing one image
 //! never ran in parallel anyway; they only added two wake-ups and a fight for the lock per
@@ -86,7 +87,8 @@ pub struct ThreadsEngine {
 impl ThreadsEngine {
     /// A pool of at most `max_threads` workers (at least one) that signal `evt` after each
     /// completion. One worker starts at once, the others on demand. `page_cache` (the files
-    /// are not opened with O_DIRECT) lets cached reads and small buffered writes complete on
+    /// are not opened with O_DIRECT) lets cached reads and buffered writes (up to
+    /// [`INLINE_MAX`] and [`INLINE_WRITE_MAX`]) complete on
     /// the submitting thread; it must be false with O_DIRECT, where an RWF_NOWAIT read still
     /// waits for the device and no write is a copy into memory.
     pub fn new(
@@ -138,8 +140,9 @@ impl ThreadsEngine {
         self.inline_done
     }
 
-    /// Complete `op` here if it is a small read whose data is all in the page cache, or a
-    /// small buffered write (`try_inline_write`). Returns the operation back when a worker
+    /// Complete `op` here if it is a read of at most [`INLINE_MAX`] whose data is all in
+    /// the page cache, or a buffered write of at most [`INLINE_WRITE_MAX`]
+    /// (`try_inline_write`). Returns the operation back when a worker
     /// has to do it.
     fn try_inline(&mut self, op: EngineOp) -> Option<EngineOp> {
         let (offset, iovecs) = match &op.kind {
@@ -178,7 +181,7 @@ impl ThreadsEngine {
         None
     }
 
-    /// Run a small buffered write here: copying into the page cache takes a few
+    /// Run a buffered write here: copying 4 KiB into the page cache takes a few
     /// microseconds, a hand-off to a worker and back tens, and the file system runs buffered
     /// writes to one file one at a time whichever thread issues them. A write that was slow
     /// (the page cache was being throttled) pauses this for a while.
