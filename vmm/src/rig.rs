@@ -59,14 +59,14 @@ pub fn run_retrying(
     silence: Duration,
     told: &dyn Fn(&str),
 ) -> std::io::Result<i32> {
-    for attempt in 1..=RIG_ATTEMPTS {
-        let (code, trouble) = run_watched(cmd, silence)?;
-        match trouble {
-            Some(why) if attempt < RIG_ATTEMPTS => told(&why),
-            _ => return Ok(code),
-        }
-    }
-    unreachable!("the loop returns on its last attempt")
+    watch::retry(
+        RIG_ATTEMPTS,
+        || match run_watched(cmd, silence) {
+            Ok((code, trouble)) => (Ok(code), trouble),
+            Err(e) => (Err(e), None),
+        },
+        told,
+    )
 }
 
 /// One run of `cmd`: its exit status, and why it deserves another attempt, if it does.

@@ -210,9 +210,67 @@ pub fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
     Some(stat[stat.rfind(')')? + 1..].split_whitespace())
 }
 
+/// Run `attempt` up to `times` times (at least once) while it ends with a reason to go
+/// again; `told` hears each reason before the next run. The last run's result stands as
+/// it is. The nested rig's guests and its L1 now and then stop or hang for no fault of the
+/// command, so compare's boots and whole rig runs go through this.
+pub fn retry<T>(
+    times: u32,
+    mut attempt: impl FnMut() -> (T, Option<String>),
+    mut told: impl FnMut(&str),
+) -> T {
+    let mut run = 1;
+    loop {
+        match attempt() {
+            (result, Some(why)) if run < times => {
+                told(&why);
+                run += 1;
+                drop(result);
+            }
+            (result, _) => return result,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs go again while they give a reason and runs remain; the last result stands.
+    #[test]
+    fn retry_stops_at_success_or_the_last_run() {
+        let mut runs = 0;
+        let mut heard = Vec::new();
+        let r = retry(
+            3,
+            || {
+                runs += 1;
+                (runs, (runs < 2).then(|| format!("run {runs} failed")))
+            },
+            |why| heard.push(why.to_string()),
+        );
+        assert_eq!((r, heard), (2, vec!["run 1 failed".to_string()]));
+
+        let mut runs = 0;
+        let mut heard = 0;
+        let r = retry(
+            3,
+            || {
+                runs += 1;
+                (runs, Some("down".to_string()))
+            },
+            |_| heard += 1,
+        );
+        assert_eq!(
+            (r, heard),
+            (3, 2),
+            "three runs, told twice, the last result stands"
+        );
+        assert_eq!(
+            retry(0, || (7, Some("x".into())), |_| panic!("no retry")),
+            7
+        );
+    }
 
     fn sh(script: &str) -> Command {
         let mut c = Command::new("sh");

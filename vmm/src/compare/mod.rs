@@ -32,6 +32,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::watch;
 use crate::RigMode;
 
 /// When to run QEMU alongside Platter.
@@ -364,17 +365,21 @@ fn retry_boot(
     plan: &Plan,
     cmd: impl Fn() -> Result<Command, Error>,
 ) -> Result<fio::Report, Error> {
-    let mut attempt = 1;
-    loop {
-        match boot_and_measure(who, cmd()?, plan) {
-            Ok(r) => return Ok(r),
-            Err(e) if attempt < BOOT_ATTEMPTS => {
-                eprintln!("platter compare: {e}; booting {who} once more");
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    watch::retry(
+        BOOT_ATTEMPTS,
+        || match cmd() {
+            // A command that cannot be built will not be built the next time either.
+            Err(e) => (Err(e), None),
+            Ok(c) => match boot_and_measure(who, c, plan) {
+                Ok(r) => (Ok(r), None),
+                Err(e) => {
+                    let why = e.to_string();
+                    (Err(e), Some(why))
+                }
+            },
+        },
+        |why| eprintln!("platter compare: {why}; booting {who} once more"),
+    )
 }
 
 /// Added to twice a boot's stall limit: how long the rig may print nothing before its L1
