@@ -89,9 +89,15 @@ pub struct CompareArgs {
     pub rig: RigMode,
     /// In the nested rig: measure copies of the images that sit on the
     /// repository's 9p share, made on an ext4 file system local to L1 (9p
-    /// dominates the numbers otherwise); the originals are not written.
-    #[arg(long)]
+    /// dominates the numbers otherwise); the originals are not written. The
+    /// default; the flag stays for scripts that give it.
+    #[arg(long, conflicts_with = "on_9p")]
     pub local_copies: bool,
+    /// In the nested rig: measure the images where they are, on the 9p share,
+    /// instead of local copies (slower, and the rig's guests stall more often
+    /// under its load).
+    #[arg(long = "on-9p")]
+    pub on_9p: bool,
 }
 
 /// Why a comparison stopped.
@@ -218,7 +224,8 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
     if !on_9p.is_empty() {
         println!(
             "Note: the images of {} are on a 9p file system (the rig's repository share): \
-             their numbers measure 9p as much as the VMMs; --local-copies gives truer ones.",
+             their numbers measure 9p as much as the VMMs (copies on an L1-local file system, \
+             compare's default, give truer ones).",
             on_9p.join(", ")
         );
     }
@@ -250,7 +257,7 @@ fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
     let mut overrides = args.set.clone();
     overrides.extend(plan::serial_overrides(&subjects));
     let mut local = None;
-    if args.local_copies && in_rig() {
+    if !args.on_9p && in_rig() {
         match scratch::Scratch::for_subjects(&mut subjects) {
             Ok(Some((fs, paths))) => {
                 eprintln!(
@@ -383,7 +390,7 @@ fn retry_boot(
 }
 
 /// Added to twice a boot's stall limit: how long the rig may print nothing before its L1
-/// counts as stopped (L1's boot and the copies of `--local-copies` come first).
+/// counts as stopped (L1's boot and the local copies of images on 9p come first).
 const RIG_SILENCE_EXTRA_S: u64 = 300;
 
 /// Base of the console silence after which a guest counts as stalled (see Plan::silence).
@@ -596,8 +603,8 @@ fn rig_args(args: &CompareArgs) -> Vec<String> {
     if let Some(j) = &args.json {
         a.push(format!("--json={}", j.display()));
     }
-    if args.local_copies {
-        a.push("--local-copies".into());
+    if args.on_9p {
+        a.push("--on-9p".into());
     }
     a
 }
@@ -711,6 +718,23 @@ mod tests {
         );
         assert_eq!(b.set, ["machine.vcpus=1"]);
         assert!(Cli::try_parse_from(["x", "c.toml", "--runtime", "0"]).is_err());
+        assert!(!b.on_9p, "local copies unless asked otherwise");
+    }
+
+    /// Local copies are the default in the rig; `--on-9p` reaches the rig's run, and
+    /// `--local-copies` (the old way to ask for copies) is still taken, but not with it.
+    #[test]
+    fn on_9p_reaches_the_rig_and_local_copies_is_still_taken() {
+        let a = Cli::try_parse_from(["x", "c.toml", "--on-9p"])
+            .unwrap()
+            .args;
+        assert!(a.on_9p);
+        assert!(rig_args(&a).iter().any(|x| x == "--on-9p"));
+        let l = Cli::try_parse_from(["x", "c.toml", "--local-copies"])
+            .unwrap()
+            .args;
+        assert!(!l.on_9p && !rig_args(&l).iter().any(|x| x == "--on-9p"));
+        assert!(Cli::try_parse_from(["x", "c.toml", "--local-copies", "--on-9p"]).is_err());
     }
 
     #[test]
