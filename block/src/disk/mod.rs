@@ -294,9 +294,7 @@ impl Disk {
             // Signals for completions `take_ready` already took would wake the poll below at
             // once. Reset first, then look again: a completion that came in between signalled
             // before the reset and is visible now, one after it signals again.
-            let _ = self.evt.read();
-            self.engine.rearm();
-            self.evt_unread = false;
+            self.reset_evt();
             if self.ready() {
                 return Ok(true);
             }
@@ -414,10 +412,16 @@ impl Disk {
     /// completion that races with this call fires it again. Throttled requests whose budget
     /// arrived are started here (the throttle group writes the eventfd for them).
     pub fn completions(&mut self) -> std::vec::IntoIter<Completion> {
+        self.reset_evt();
+        self.collect()
+    }
+
+    /// Reset the completion eventfd, and tell the engine, which skips signals while the
+    /// eventfd is still readable ([`Engine::rearm`]).
+    fn reset_evt(&mut self) {
         let _ = self.evt.read();
         self.engine.rearm();
         self.evt_unread = false;
-        self.collect()
     }
 
     /// The requests finished now, like [`Disk::completions`] but leaving the eventfd as it
@@ -425,8 +429,9 @@ impl Disk {
     /// eventfd itself before it sleeps). A request that completed during its submission
     /// (Linux AIO and io_uring finish reads of holes and cached data there, the threads
     /// engine cached reads and buffered writes) then costs no eventfd read at all, nor,
-    /// with the threads engine, a write after the first: `platter img bench` at depth 1 makes one system call per
-    /// request, as qemu-img bench, which polls the completion ring, does. With a throttle
+    /// with the threads engine, a write after the first: `platter img bench` at depth 1
+    /// makes one system call per request, as qemu-img bench, which polls the completion
+    /// ring, does. With a throttle
     /// group (which signals budget on the eventfd, unseen by [`Disk::ready`]) this is
     /// [`Disk::completions`].
     pub fn take_ready(&mut self) -> std::vec::IntoIter<Completion> {
