@@ -98,6 +98,7 @@ struct KindStats {
     histogram: [AtomicU64; LATENCY_BUCKETS],
     throttled: AtomicU64,
     throttle_wait_ns: AtomicU64,
+    merged: AtomicU64,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -153,6 +154,12 @@ impl DiskStats {
         self.throttled_now.fetch_sub(1, Relaxed);
     }
 
+    /// A device joined one of its requests of kind `k` to the one before it (adjacent disk
+    /// ranges), so the disk ran the two as one request.
+    pub fn merged(&self, k: IoKind) {
+        self.kind(k).merged.fetch_add(1, Relaxed);
+    }
+
     /// A copy of every counter as plain numbers.
     pub fn snapshot(&self) -> StatsSnapshot {
         let kind = |k: IoKind| {
@@ -166,6 +173,7 @@ impl DiskStats {
                 histogram: std::array::from_fn(|i| s.histogram[i].load(Relaxed)),
                 throttled: s.throttled.load(Relaxed),
                 throttle_wait: Duration::from_nanos(s.throttle_wait_ns.load(Relaxed)),
+                merged: s.merged.load(Relaxed),
             }
         };
         StatsSnapshot {
@@ -183,7 +191,8 @@ impl DiskStats {
 /// Counters of one request kind at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KindSnapshot {
-    /// Requests completed (successfully or not).
+    /// Requests completed (successfully or not), as the disk ran them: requests a device
+    /// joined into one (`merged`) count once.
     pub ops: u64,
     /// Bytes of the successful ones (the range length for discards and write-zeroes).
     pub bytes: u64,
@@ -199,6 +208,9 @@ pub struct KindSnapshot {
     pub throttled: u64,
     /// Total time those requests waited.
     pub throttle_wait: Duration,
+    /// Device requests joined to the one before them (virtio-blk merges reads or writes of
+    /// adjacent ranges); the guest issued `ops + merged` requests.
+    pub merged: u64,
 }
 
 impl KindSnapshot {
@@ -267,7 +279,7 @@ impl StatsSnapshot {
     /// One JSON object, keys in a fixed order, latencies in microseconds:
     /// `{"read":{"ops":..,"bytes":..,"errors":..,"refused":..,"latency_us_mean":..,
     /// "latency_us_p50":..,"latency_us_p99":..,"latency_us_histogram":[..26],
-    /// "throttled":..,"throttle_wait_us":..},"write":{..},"flush":{..},"discard":{..},
+    /// "throttled":..,"throttle_wait_us":..,"merged":..},"write":{..},"flush":{..},"discard":{..},
     /// "write_zeroes":{..},"in_flight":..,"throttled_now":..}`.
     pub fn to_json(&self) -> String {
         let mut s = String::from("{");
@@ -298,7 +310,7 @@ impl StatsSnapshot {
 impl KindSnapshot {
     /// The numbers both outputs show, in order, as (JSON key, text key, value); latencies
     /// in microseconds. The JSON adds the histogram after the first seven.
-    fn fields(&self) -> [(&'static str, &'static str, u64); 9] {
+    fn fields(&self) -> [(&'static str, &'static str, u64); 10] {
         [
             ("ops", "ops", self.ops),
             ("bytes", "bytes", self.bytes),
@@ -313,6 +325,7 @@ impl KindSnapshot {
                 "throttle_wait_us",
                 us(Some(self.throttle_wait)),
             ),
+            ("merged", "merged", self.merged),
         ]
     }
 }
@@ -320,7 +333,7 @@ impl KindSnapshot {
 /// One line per kind that saw any request, then the gauges:
 ///
 /// ```text
-/// read: ops=100 bytes=409600 errors=0 refused=0 lat_mean_us=35 lat_p50_us=32 lat_p99_us=128 throttled=95 throttle_wait_us=1900000
+/// read: ops=100 bytes=409600 errors=0 refused=0 lat_mean_us=35 lat_p50_us=32 lat_p99_us=128 throttled=95 throttle_wait_us=1900000 merged=0
 /// in_flight=0 throttled_now=0
 /// ```
 impl fmt::Display for StatsSnapshot {
@@ -378,8 +391,10 @@ mod tests {
         s.refused(IoKind::Discard);
         s.submitted();
         s.throttle_queued();
+        s.merged(IoKind::Read);
         let snap = s.snapshot();
         assert_eq!(snap.read.ops, 100);
+        assert_eq!((snap.read.merged, snap.write.merged), (1, 0));
         assert_eq!(snap.read.bytes, 409_600);
         assert_eq!(snap.write.errors, 1);
         assert_eq!(snap.write.bytes, 0);
@@ -399,11 +414,13 @@ mod tests {
         assert!(text.contains("\ndiscard: ops=0 bytes=0 errors=0 refused=1"));
         assert!(!text.contains("flush:"));
         assert!(text.ends_with("in_flight=1 throttled_now=1"));
+        assert!(text.contains("throttle_wait_us=0 merged=1\nwrite:"));
 
         let json = snap.to_json();
         assert!(json.starts_with("{\"read\":{\"ops\":100,\"bytes\":409600,"));
         assert!(json.contains("\"latency_us_p50\":16,\"latency_us_p99\":16,"));
         assert!(json.ends_with(",\"in_flight\":1,\"throttled_now\":1}"));
+        assert!(json.contains("\"throttle_wait_us\":0,\"merged\":1},\"write\""));
         assert_eq!(json.matches('{').count(), json.matches('}').count());
         assert_eq!(json.matches('{').count(), 6);
     }

@@ -389,6 +389,8 @@ pub struct DiskConfig {
     pub queue_size: Option<u16>,
     /// The I/O thread(s) serving this disk's queues.
     pub iothread: Option<IoThreads>,
+    /// virtio-blk: join adjacent reads/writes of a batch (QEMU's request-merging).
+    pub request_merging: Option<bool>,
     /// Logical block size in bytes.
     pub logical_block_size: Option<u32>,
     /// Physical block size in bytes.
@@ -707,6 +709,7 @@ impl Config {
                 ("num_queues", d.num_queues.is_some() && ide),
                 ("queue_size", d.queue_size.is_some() && ide),
                 ("iothread", d.iothread.is_some() && ide),
+                ("request_merging", d.request_merging.is_some() && ide),
                 (
                     "logical_block_size",
                     d.logical_block_size.is_some_and(|v| v != 512) && ide,

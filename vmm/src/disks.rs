@@ -341,6 +341,7 @@ fn attach_virtio_blk(d: OpenedDisk, w: &mut Wiring) -> Result<(), AttachError> {
         queue_size: c.queue_size.unwrap_or(defaults.queue_size),
         discard: c.discard,
         readonly: c.readonly,
+        request_merging: c.request_merging.unwrap_or(defaults.request_merging),
         logical_block_size: c.logical_block_size,
         physical_block_size: c.physical_block_size,
     };

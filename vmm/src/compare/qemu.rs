@@ -150,10 +150,12 @@ pub fn disk_args(
         Controller::VirtioBlk => args.extend([
             "-device".into(),
             format!(
-                "virtio-blk-pci,drive={drive},iothread={},num-queues={},queue-size={}{props}",
+                "virtio-blk-pci,drive={drive},iothread={},num-queues={},queue-size={},\
+                 request-merging={}{props}",
                 at.iothread.ok_or_else(|| needs("I/O thread"))?,
                 d.num_queues.unwrap_or(DEFAULT_QUEUES),
                 d.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+                on_off(d.request_merging.unwrap_or(true)),
             ),
         ]),
         Controller::VirtioScsi => args.extend([
@@ -328,7 +330,7 @@ mod tests {
     fn virtio_blk_disk_maps_every_option() {
         let d = disk(
             "cache = \"none\"\naio = \"io_uring\"\nnum_queues = 2\nqueue_size = 128\n\
-             discard = true\nreadonly = false",
+             discard = true\nreadonly = false\nrequest_merging = false",
         );
         let (io, at) = own(3);
         let at = Placement {
@@ -342,7 +344,8 @@ mod tests {
                 "-drive",
                 "file=/img/a,,b.raw,if=none,id=d3,format=qcow2,cache=none,aio=io_uring,discard=unmap,readonly=off",
                 "-device",
-                "virtio-blk-pci,drive=d3,iothread=io3,num-queues=2,queue-size=128,serial=SER-3",
+                "virtio-blk-pci,drive=d3,iothread=io3,num-queues=2,queue-size=128,\
+                 request-merging=off,serial=SER-3",
             ]
         );
     }
@@ -362,7 +365,7 @@ mod tests {
         );
         assert_eq!(
             a[3],
-            "virtio-blk-pci,drive=d0,iothread=io0,num-queues=1,queue-size=256"
+            "virtio-blk-pci,drive=d0,iothread=io0,num-queues=1,queue-size=256,request-merging=on"
         );
         for (c, n) in [
             (CacheMode::Writethrough, "writethrough"),
@@ -441,7 +444,9 @@ mod tests {
             "{a}"
         );
         assert!(
-            a.contains("drive=d1,iothread=io1,num-queues=1,queue-size=256,serial=x"),
+            a.contains(
+                "drive=d1,iothread=io1,num-queues=1,queue-size=256,request-merging=on,serial=x"
+            ),
             "{a}"
         );
         assert_eq!(memory_arg(3 << 19), "1536K");

@@ -389,6 +389,8 @@ fn ide_disks_take_ide_keys_and_four_positions() {
     assert_eq!(check(&twice).unwrap_err().key, "disk[1].unit");
     let e = check(&ide_disk("a", "num_queues = 2")).unwrap_err();
     assert_eq!(e.key, "disk[0].num_queues");
+    let e = check(&ide_disk("a", "request_merging = false")).unwrap_err();
+    assert_eq!(e.key, "disk[0].request_merging");
     let e = check(&ide_disk("a", &format!("model = \"{}\"", "m".repeat(41)))).unwrap_err();
     assert_eq!(e.key, "disk[0].model");
     let e = check(&ide_disk("a", "serial = \"bad\u{00e9}\"")).unwrap_err();

@@ -117,6 +117,7 @@ impl VirtioBlk {
             max_write_zeroes_sectors: MAX_RANGE_SECTORS,
             max_write_zeroes_seg: MAX_RANGE_SEGS,
             id,
+            merging: cfg.request_merging,
         };
 
         let mut c = [0u8; CONFIG_LEN];

@@ -5,10 +5,13 @@
 //!               activate / reset of the I/O thread
 //!  request.rs   one descriptor chain -> a checked request (§5.2.6, §2.7.4)
 //!  worker.rs    queues + disk: pops chains, submits, completes, notifies (§2.7.7)
+//!  merge.rs     adjacent reads or writes of one batch joined into one disk request
+//!  port.rs      the disk, owned by one worker or shared by several I/O threads
 //!  (served on an I/O thread, ../io_thread.rs: notify eventfds and disk completions)
 //! ```
 
 mod device;
+mod merge;
 mod port;
 mod request;
 mod worker;
@@ -54,6 +57,9 @@ pub struct BlkConfig {
     pub discard: bool,
     /// Present the disk read-only (also when the disk was opened read-only).
     pub readonly: bool,
+    /// Join reads or writes of one batch that continue each other into one disk request
+    /// (QEMU's `request-merging`, on by default there too); see `merge.rs`.
+    pub request_merging: bool,
     /// Logical block size the guest sees (BLK_SIZE); none takes the disk's.
     /// Reads and writes must be aligned to it.
     pub logical_block_size: Option<u32>,
@@ -69,6 +75,7 @@ impl Default for BlkConfig {
             queue_size: 256,
             discard: true,
             readonly: false,
+            request_merging: true,
             logical_block_size: None,
             physical_block_size: None,
         }
@@ -130,7 +137,8 @@ pub(super) mod blk_status {
     pub const UNSUPP: u8 = 2;
 }
 
-/// What the request checks need to know about the device, fixed at activation.
+/// What the worker needs to know about the device, fixed at activation: the request checks,
+/// and whether requests may be joined.
 #[derive(Clone, Debug)]
 pub(super) struct Limits {
     /// Capacity in 512-byte sectors.
@@ -151,6 +159,8 @@ pub(super) struct Limits {
     pub max_write_zeroes_seg: u32,
     /// GET_ID answer, zero padded.
     pub id: [u8; ID_BYTES],
+    /// [`BlkConfig::request_merging`].
+    pub merging: bool,
 }
 
 #[cfg(test)]

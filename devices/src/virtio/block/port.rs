@@ -20,7 +20,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use platter_block::{Completion, Disk, Request, SubmitError};
+use platter_block::{Completion, Disk, DiskStats, Request, SubmitError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Port numbers ride in the disk tags above the worker's own tag bits.
@@ -186,6 +186,14 @@ impl DiskPort {
         match self {
             DiskPort::Own(d) => d.in_flight(),
             DiskPort::Shared(p) => p.hub().in_flight[p.me],
+        }
+    }
+
+    /// The disk's statistics (the worker counts the requests it joined there).
+    pub(super) fn stats(&self) -> Arc<DiskStats> {
+        match self {
+            DiskPort::Own(d) => d.stats(),
+            DiskPort::Shared(p) => p.hub().disk.stats(),
         }
     }
 

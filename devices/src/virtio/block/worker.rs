@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  notify eventfd ─▶ process_queue: disable notifications, pop every chain,
-//!                    parse, submit (tag = slot in `inflight`), re-enable
+//!                    parse, submit (tag = slot in `inflight`; a read or write
+//!                    that continues the one before joins it, merge.rs), re-enable
 //!                    notifications and go round again if the driver added
 //!                    more meanwhile (so no kick is lost)
 //!  completion fd  ─▶ handle_completions: status byte, add_used, retry the
@@ -25,10 +26,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use platter_block::{BlockError, Request, RequestOp};
+use platter_block::{BlockError, DiskStats, Request, RequestOp};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::merge::{joinable, Held};
 use super::port::DiskPort;
 use super::request::{parse, Parsed};
 use super::{blk_status, Limits};
@@ -56,6 +58,9 @@ struct InFlight {
     used_len: u32,
     remaining: usize,
     code: u8,
+    /// The slot of the request joined after this one: the disk request that
+    /// carries this one carries it too, and completes both.
+    then: Option<usize>,
 }
 
 /// Queues, disk and the requests between them.
@@ -70,6 +75,11 @@ pub(super) struct Worker {
     inflight: Vec<Option<InFlight>>,
     free: Vec<usize>,
     pending: VecDeque<Request>,
+    /// The batch's last read or write, not yet submitted: the next may join it.
+    held: Option<Held>,
+    /// Join adjacent reads and writes of a batch (`BlkConfig::request_merging`).
+    merging: bool,
+    stats: Arc<DiskStats>,
 }
 
 impl Worker {
@@ -81,6 +91,8 @@ impl Worker {
         limits: Limits,
         wce: Arc<AtomicBool>,
     ) -> Self {
+        let stats = disk.stats();
+        let merging = limits.merging;
         Self {
             disk,
             mem,
@@ -98,6 +110,9 @@ impl Worker {
             inflight: Vec::new(),
             free: Vec::new(),
             pending: VecDeque::new(),
+            held: None,
+            merging,
+            stats,
         }
     }
 
@@ -105,6 +120,12 @@ impl Worker {
     #[cfg(test)]
     pub(super) fn in_flight(&self) -> usize {
         self.inflight.len() - self.free.len()
+    }
+
+    /// The disk's statistics.
+    #[cfg(test)]
+    pub(super) fn stats(&self) -> &DiskStats {
+        &self.stats
     }
 
     /// Give the disk (or this worker's port to it) back, with nothing of the guest's in
@@ -197,6 +218,7 @@ impl Worker {
     fn drain(&mut self, pos: usize) {
         self.disk.plug();
         self.drain_plugged(pos);
+        self.release_held();
         self.disk.unplug();
     }
 
@@ -204,6 +226,7 @@ impl Worker {
         let mut batch = 0;
         loop {
             if batch == PLUG_BATCH {
+                self.release_held();
                 self.disk.unplug();
                 self.disk.plug();
                 batch = 0;
@@ -256,6 +279,7 @@ impl Worker {
             used_len,
             remaining: ops.len(),
             code: blk_status::OK,
+            then: None,
         };
         let slot = match self.free.pop() {
             Some(s) => {
@@ -267,17 +291,65 @@ impl Worker {
                 self.inflight.len() - 1
             }
         };
+        let mut ops = ops;
+        if self.merging && ops.len() == 1 && joinable(&ops[0]) {
+            if let Some(op) = ops.pop() {
+                self.hold(slot, op);
+            }
+            return;
+        }
+        // Everything else goes after the held request, in the order the driver gave them.
+        self.release_held();
         for op in ops {
-            let req = Request {
+            self.enqueue(Request {
                 tag: slot as u64,
                 op,
-            };
-            if self.pending.is_empty() {
-                self.submit_one(req);
-            } else {
-                // Keep order behind the requests already waiting.
-                self.pending.push_back(req);
+            });
+        }
+    }
+
+    /// Join the read or write in `slot` to the held one, or submit that and hold this one.
+    fn hold(&mut self, slot: usize, op: RequestOp) {
+        let op = match self.held.as_mut() {
+            Some(h) => {
+                let prev = h.last;
+                match h.join(slot, op) {
+                    Ok(kind) => {
+                        if let Some(Some(e)) = self.inflight.get_mut(prev) {
+                            e.then = Some(slot);
+                        }
+                        self.stats.merged(kind);
+                        return;
+                    }
+                    Err(op) => op,
+                }
             }
+            None => op,
+        };
+        self.release_held();
+        self.held = Some(Held {
+            first: slot,
+            last: slot,
+            op,
+        });
+    }
+
+    /// Submit the held request, if any.
+    fn release_held(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.enqueue(Request {
+                tag: h.first as u64,
+                op: h.op,
+            });
+        }
+    }
+
+    fn enqueue(&mut self, req: Request) {
+        if self.pending.is_empty() {
+            self.submit_one(req);
+        } else {
+            // Keep order behind the requests already waiting.
+            self.pending.push_back(req);
         }
     }
 
@@ -339,6 +411,8 @@ impl Worker {
         }
     }
 
+    /// One disk request finished: the virtio requests it carries (one, or several joined)
+    /// each have one part less to wait for.
     fn finish_part(&mut self, tag: u64, ok: bool) {
         let Some(slot) = usize::try_from(tag)
             .ok()
@@ -347,23 +421,31 @@ impl Worker {
             log::error!("virtio-blk: completion for unknown tag {tag}");
             return;
         };
+        let mut next = Some(slot);
+        while let Some(slot) = next {
+            next = self.finish_slot(slot, ok);
+        }
+    }
+
+    /// One part of the request in `slot` finished; returns the slot joined after it.
+    fn finish_slot(&mut self, slot: usize, ok: bool) -> Option<usize> {
         let Some(entry) = self.inflight[slot].as_mut() else {
-            log::error!("virtio-blk: completion for free tag {tag}");
-            return;
+            log::error!("virtio-blk: completion for free slot {slot}");
+            return None;
         };
         if !ok {
             entry.code = blk_status::IOERR;
         }
+        let then = entry.then.take();
         entry.remaining = entry.remaining.saturating_sub(1);
         if entry.remaining > 0 {
-            return;
+            return then;
         }
-        let Some(done) = self.inflight[slot].take() else {
-            return;
-        };
+        let done = self.inflight[slot].take()?;
         self.free.push(slot);
         self.write_status(done.status, done.code);
         self.add_used(done.queue, done.head, done.used_len);
+        then
     }
 
     fn write_status(&self, status: GuestAddress, code: u8) {

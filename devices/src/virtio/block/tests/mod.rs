@@ -20,6 +20,7 @@ use super::*;
 use crate::virtio::{VirtQueue, VirtioDevice, VirtioInterrupt};
 
 mod hostile;
+mod merge;
 
 const MEM_SIZE: usize = 0x80_0000;
 const DISK_SIZE: u64 = 4 << 20;
@@ -107,6 +108,21 @@ impl<'a> Rig<'a> {
 
     fn with(mem: &'a GuestMemoryMmap, cfg: BlkConfig, readonly: bool, event_idx: bool) -> Self {
         let (file, disk) = disk(readonly);
+        Self::build(mem, cfg, event_idx, file, disk)
+    }
+
+    /// In front of a disk of the test's own making (kept until the rig is dropped).
+    fn on_disk(mem: &'a GuestMemoryMmap, cfg: BlkConfig, file: TempFile, disk: Disk) -> Self {
+        Self::build(mem, cfg, false, file, disk)
+    }
+
+    fn build(
+        mem: &'a GuestMemoryMmap,
+        cfg: BlkConfig,
+        event_idx: bool,
+        file: TempFile,
+        disk: Disk,
+    ) -> Self {
         let mut blk = VirtioBlk::new(disk, cfg).unwrap();
         let (disk, limits, wce) = blk.test_parts();
         let mock = MockSplitQueue::new(mem, QUEUE_SIZE);
