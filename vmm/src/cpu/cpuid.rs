@@ -14,16 +14,36 @@ const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 const ECX_AMD_CMP_LEGACY: u32 = 1 << 1;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
-/// KVM's supported CPUID, read once for all vCPUs.
+/// KVM's supported CPUID, read once for all vCPUs, with the TSC-deadline timer offered
+/// when KVM emulates it.
+///
+/// KVM leaves the TSC-deadline bit out of its supported CPUID, since the timer lives in the
+/// in-kernel LAPIC and is announced as a capability instead (QEMU and cloud-hypervisor set
+/// it from there). Without it a guest arms its LAPIC timer in one-shot mode, which costs a
+/// count conversion on every arm; with it, one MSR write of an absolute TSC value.
 pub fn supported(kvm_fd: &Kvm) -> Result<CpuId, CpuError> {
-    kvm_fd
+    let mut cpuid = kvm_fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))
+        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    if kvm_fd.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        offer_tsc_deadline(&mut cpuid);
+    }
+    Ok(cpuid)
+}
+
+/// Set the TSC-deadline timer bit (leaf 1, ECX bit 24).
+fn offer_tsc_deadline(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == LEAF_FEATURES {
+            e.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
 }
 
 /// Bits needed to number `n` cores.
@@ -112,6 +132,18 @@ mod tests {
         let core = &c.as_slice()[2];
         assert_eq!((core.ebx, core.edx, core.eax), (4, 3, 2));
         assert_eq!(c.as_slice()[3].ecx & 0xff, 3);
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_in_leaf_1_only() {
+        let mut c = table();
+        offer_tsc_deadline(&mut c);
+        let with: Vec<bool> = c
+            .as_slice()
+            .iter()
+            .map(|e| e.ecx & ECX_TSC_DEADLINE != 0)
+            .collect();
+        assert_eq!(with, [true, false, false, false]);
     }
 
     #[test]
