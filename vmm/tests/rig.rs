@@ -156,10 +156,14 @@ fn boots_and_reports_cpus_memory_pci_and_refuses_bad_config() {
     }
     let facts = "echo UNAME=$(uname -r); echo NPROC=$(nproc); \
         echo MEMKB=$(awk '/MemTotal/{print $2}' /proc/meminfo); \
+        echo GUEST_CPU=$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1); \
+        echo TSC_DEADLINE=$(grep -c -m1 tsc_deadline_timer /proc/cpuinfo); \
         for d in /sys/bus/pci/devices/*; do \
           echo PCI=$(basename $d) $(cat $d/vendor) $(cat $d/device) $(cat $d/class); done";
+    // L1's processor, for the guest's to be compared with.
+    let l1 = "echo L1_CPU=$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)";
     let job = format!(
-        "{}; echo RUN1_RC=$?; {}; echo RUN2_RC=$?; {}; echo RUN3_RC=$?",
+        "{l1}; {}; echo RUN1_RC=$?; {}; echo RUN2_RC=$?; {}; echo RUN3_RC=$?",
         platter_run(facts, &[]),
         platter_run("reboot -f", &["--set=machine.on_reboot=exit"]),
         platter_run("true", &["--set=machine.vcpus=0"]),
@@ -177,6 +181,9 @@ fn boots_and_reports_cpus_memory_pci_and_refuses_bad_config() {
         mem_kb > MEMORY_MIB * 1024 * 8 / 10 && mem_kb <= MEMORY_MIB * 1024,
         "MemTotal {mem_kb} kB"
     );
+    // The host's brand string and the TSC-deadline timer (L1's KVM emulates it).
+    assert_eq!(value(&out, "GUEST_CPU="), value(&out, "L1_CPU="));
+    assert_eq!(value(&out, "TSC_DEADLINE="), Some("1"));
     assert!(
         out.lines().any(|l| l.trim_end().ends_with(HOST_BRIDGE)),
         "host bridge missing from the guest's PCI list"

@@ -11,6 +11,8 @@ const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
+/// The processor brand string, 16 bytes a leaf.
+const LEAVES_BRAND: std::ops::RangeInclusive<u32> = 0x8000_0002..=0x8000_0004;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 const ECX_HYPERVISOR: u32 = 1 << 31;
@@ -34,7 +36,52 @@ pub fn supported(kvm_fd: &Kvm) -> Result<CpuId, CpuError> {
     if kvm_fd.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
         offer_tsc_deadline(&mut cpuid);
     }
+    set_brand(&mut cpuid, host_leaf);
     Ok(cpuid)
+}
+
+/// One CPUID leaf of the host: (eax, ebx, ecx, edx).
+fn host_leaf(leaf: u32) -> [u32; 4] {
+    // SAFETY: CPUID exists on every x86-64 processor; it reads identification registers
+    // and has no side effects.
+    #[allow(unused_unsafe)]
+    let r = unsafe { std::arch::x86_64::__cpuid(leaf) };
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Give the guest the host's brand string (what `/proc/cpuinfo` calls the model name, and
+/// what a user compares with the host), as QEMU's `-cpu host` does: KVM's supported table
+/// leaves those leaves empty, so a guest names its processor by family and model only
+/// ("AMD 17/01"). Leaves KVM already filled, or that the table's extended range does not
+/// reach, stay as they are.
+fn set_brand(cpuid: &mut CpuId, host: impl Fn(u32) -> [u32; 4]) {
+    let max_ext = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0000)
+        .map_or(0, |e| e.eax);
+    if max_ext < *LEAVES_BRAND.end() {
+        return;
+    }
+    for leaf in LEAVES_BRAND {
+        let [eax, ebx, ecx, edx] = host(leaf);
+        match cpuid.as_mut_slice().iter_mut().find(|e| e.function == leaf) {
+            Some(e) if e.eax | e.ebx | e.ecx | e.edx != 0 => {}
+            Some(e) => (e.eax, e.ebx, e.ecx, e.edx) = (eax, ebx, ecx, edx),
+            None => {
+                let entry = kvm_bindings::kvm_cpuid_entry2 {
+                    function: leaf,
+                    eax,
+                    ebx,
+                    ecx,
+                    edx,
+                    ..Default::default()
+                };
+                // A full table keeps its nameless processor.
+                let _ = cpuid.push(entry);
+            }
+        }
+    }
 }
 
 /// Set the TSC-deadline timer bit (leaf 1, ECX bit 24).
@@ -144,6 +191,41 @@ mod tests {
             .map(|e| e.ecx & ECX_TSC_DEADLINE != 0)
             .collect();
         assert_eq!(with, [true, false, false, false]);
+    }
+
+    #[test]
+    fn brand_string_comes_from_the_host_where_kvm_left_it_empty() {
+        let leaf = |function, eax| kvm_cpuid_entry2 {
+            function,
+            eax,
+            ..Default::default()
+        };
+        let host = |l: u32| [l, l + 1, l + 2, l + 3];
+        let mut c = CpuId::from_entries(&[
+            leaf(0x8000_0000, 0x8000_0008),
+            leaf(0x8000_0002, 0),
+            leaf(0x8000_0003, 7),
+        ])
+        .unwrap();
+        set_brand(&mut c, host);
+        let got: Vec<(u32, u32, u32)> = c
+            .as_slice()
+            .iter()
+            .map(|e| (e.function, e.eax, e.edx))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0x8000_0000, 0x8000_0008, 0),
+                (0x8000_0002, 0x8000_0002, 0x8000_0005),
+                (0x8000_0003, 7, 0),
+                (0x8000_0004, 0x8000_0004, 0x8000_0007),
+            ]
+        );
+        // A table whose extended range stops short gets nothing.
+        let mut short = CpuId::from_entries(&[leaf(0x8000_0000, 0x8000_0001)]).unwrap();
+        set_brand(&mut short, host);
+        assert_eq!(short.as_slice().len(), 1);
     }
 
     #[test]
