@@ -11,7 +11,8 @@
 //!
 //! Files: [`plan`] (jobs, disks, serials), [`guest`] (the script and kernel
 //! command line), [`qemu`] (QEMU's arguments), [`boot`] (running a VMM with
-//! a timeout), [`fio`] (console parsing), [`kvm_stats`] (VM exits per job),
+//! a timeout), [`retry`] (boots again for the disks a failed boot did not finish),
+//! [`fio`] (console parsing), [`kvm_stats`] (VM exits per job),
 //! [`results`] (ratios, JSON), [`table`] and [`svg`] (the report).
 
 mod boot;
@@ -22,6 +23,7 @@ mod kvm_stats;
 mod plan;
 mod qemu;
 mod results;
+mod retry;
 mod scratch;
 mod stall;
 mod svg;
@@ -32,7 +34,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::watch;
 use crate::RigMode;
 
 /// When to run QEMU alongside Platter.
@@ -139,12 +140,27 @@ struct Plan {
     overrides: Vec<String>,
     /// QEMU's binary and arguments, when QEMU runs.
     qemu: Option<(PathBuf, Vec<String>)>,
+    /// The kernel command line that measures every disk.
     cmdline: String,
+    /// What it is made of: the config's own line, the modules, the runtime of a job.
+    base_cmdline: String,
+    modules: Vec<&'static str>,
+    runtime: u32,
     timeout: Duration,
     /// Console silence that counts as a stalled guest.
     silence: Duration,
     /// In the rig: the L1-local copies of images that were on 9p.
     _scratch: Option<scratch::Scratch>,
+}
+
+impl Plan {
+    /// The kernel command line whose script measures only `subjects`.
+    fn cmdline_for(&self, subjects: &[plan::Subject]) -> String {
+        let script = guest::script(subjects, &self.jobs, self.size, self.runtime);
+        // Fewer disks make a shorter line than the whole plan's, which was checked.
+        guest::cmdline(&self.base_cmdline, &self.modules, &script)
+            .unwrap_or_else(|_| self.cmdline.clone())
+    }
 }
 
 /// Run the comparison; prints the table on stdout, progress on stderr.
@@ -319,13 +335,16 @@ fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
         overrides,
         qemu,
         cmdline,
+        base_cmdline: cfg.kernel.cmdline.clone(),
+        modules,
+        runtime: args.runtime,
         timeout,
         silence,
         _scratch: local,
     })
 }
 
-fn platter_command(args: &CompareArgs, plan: &Plan) -> Result<Command, Error> {
+fn platter_command(args: &CompareArgs, plan: &Plan, cmdline: &str) -> Result<Command, Error> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::Usage(format!("cannot find Platter's own executable: {e}")))?;
     let mut c = Command::new(exe);
@@ -334,10 +353,7 @@ fn platter_command(args: &CompareArgs, plan: &Plan) -> Result<Command, Error> {
     for o in &plan.overrides {
         c.arg(format!("--set={o}"));
     }
-    c.arg(format!(
-        "--set=kernel.cmdline={}",
-        results::quote(&plan.cmdline)
-    ));
+    c.arg(format!("--set=kernel.cmdline={}", results::quote(cmdline)));
     Ok(c)
 }
 
@@ -348,45 +364,18 @@ fn measure_round(
     platter: &mut Vec<fio::Report>,
     qemu: &mut Vec<fio::Report>,
 ) -> Result<(), Error> {
-    platter.push(retry_boot("platter", plan, || platter_command(args, plan))?);
+    platter.push(retry::boot(plan, "platter", |line| {
+        platter_command(args, plan, line)
+    })?);
     if let Some((bin, qargs)) = &plan.qemu {
         eprintln!("platter compare: booting the same guest under QEMU");
-        qemu.push(retry_boot("qemu", plan, || {
+        qemu.push(retry::boot(plan, "qemu", |line| {
             let mut c = Command::new(bin);
-            c.args(qargs);
+            c.args(retry::with_append(qargs, line));
             Ok(c)
         })?);
     }
     Ok(())
-}
-
-/// Boots of one VMM per round at most: a guest of the nested rig now and then stops running
-/// or triple-faults (QEMU 7.2's twice in six boots of one run; Platter's twice in a row in
-/// one three-disk run, each time on the writeback/threads disk).
-const BOOT_ATTEMPTS: u32 = 3;
-
-/// Boot a VMM and measure; a boot that fails is tried again, up to [`BOOT_ATTEMPTS`] boots,
-/// and the last failure is the error.
-fn retry_boot(
-    who: &'static str,
-    plan: &Plan,
-    cmd: impl Fn() -> Result<Command, Error>,
-) -> Result<fio::Report, Error> {
-    watch::retry(
-        BOOT_ATTEMPTS,
-        || match cmd() {
-            // A command that cannot be built will not be built the next time either.
-            Err(e) => (Err(e), None),
-            Ok(c) => match boot_and_measure(who, c, plan) {
-                Ok(r) => (Ok(r), None),
-                Err(e) => {
-                    let why = e.to_string();
-                    (Err(e), Some(why))
-                }
-            },
-        },
-        |why| eprintln!("platter compare: {why}; booting {who} once more"),
-    )
 }
 
 /// Added to twice a boot's stall limit: how long the rig may print nothing before its L1
@@ -410,8 +399,14 @@ fn huge_pages_mib(pid: u32) -> Option<u64> {
     Some(kib >> 10)
 }
 
-/// Boot one VMM, echo progress, and check that every job reported.
-fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio::Report, Error> {
+/// Boot one VMM, echo progress, and check that every job of `subjects` reported; a failed
+/// boot comes back with what it did report.
+fn boot_and_measure(
+    who: &'static str,
+    cmd: Command,
+    plan: &Plan,
+    subjects: &[plan::Subject],
+) -> Result<fio::Report, (Error, fio::Report)> {
     let names: Vec<(String, String)> = plan
         .subjects
         .iter()
@@ -467,8 +462,12 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
             eprintln!("  {who:<8} {line}");
         }
     };
-    let run = boot::run(cmd, plan.timeout, plan.silence, progress)
-        .map_err(|e| Error::Usage(format!("cannot start {who}: {e}")))?;
+    let run = boot::run(cmd, plan.timeout, plan.silence, progress).map_err(|e| {
+        (
+            Error::Usage(format!("cannot start {who}: {e}")),
+            fio::Report::default(),
+        )
+    })?;
     let mut report = fio::parse_console(&run.console);
     if let Ok(m) = meter.lock() {
         for (key, counts) in &m.jobs {
@@ -514,7 +513,7 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
             report.exit.map_or("missing".into(), |e| e.to_string())
         ))
     } else {
-        missing(plan, &report).map(|m| format!("{who}: no result for {m}"))
+        missing(subjects, &plan.jobs, &report).map(|m| format!("{who}: no result for {m}"))
     };
     if who == "platter" {
         if run.timed_out {
@@ -531,23 +530,15 @@ fn boot_and_measure(who: &'static str, cmd: Command, plan: &Plan) -> Result<fio:
             eprintln!("--- {who}: stderr");
             eprintln!("{}", boot::tail(&run.stderr, boot::TAIL_LINES));
         }
-        return Err(Error::Failed(p));
+        return Err((Error::Failed(p), report));
     }
     Ok(report)
 }
 
-/// The first disk/job the plan expects that the report lacks.
-fn missing(plan: &Plan, report: &fio::Report) -> Option<String> {
-    plan.subjects.iter().find_map(|s| {
-        plan.jobs
-            .iter()
-            .filter(|j| !(s.disk.readonly && j.writes()))
-            .find(|j| {
-                !report
-                    .samples
-                    .contains_key(&(s.serial.clone(), j.name.clone()))
-            })
-            .map(|j| format!("disk `{}` job {}", s.disk.id, j.name))
+/// The first disk/job of `subjects` that the report lacks.
+fn missing(subjects: &[plan::Subject], jobs: &[plan::Job], report: &fio::Report) -> Option<String> {
+    subjects.iter().find_map(|s| {
+        retry::missing_job(s, jobs, report).map(|j| format!("disk `{}` job {}", s.disk.id, j.name))
     })
 }
 
@@ -643,7 +634,7 @@ fn to_rig(args: &CompareArgs, why: &str, plan: &Plan) -> Error {
     }
     // Room for the boots of the rounds and the retries of one failing boot (failed boots
     // are mostly cut short by the stall limit, well before a whole boot's time).
-    let boots = 2 * u64::from(args.rounds) + u64::from(BOOT_ATTEMPTS) - 1;
+    let boots = 2 * u64::from(args.rounds) + u64::from(retry::BOOT_ATTEMPTS) - 1;
     let timeout = boots * per_boot.as_secs() + RIG_ALLOWANCE_S;
     let mut cmd = crate::rig::command(&script, &rig_args(args));
     cmd.splice(1..1, ["--timeout".to_string(), timeout.to_string()]);
