@@ -38,31 +38,31 @@ impl Held {
     /// direction, starting where the held one ends, within [`MAX_BYTES`] and
     /// [`MAX_IOVECS`]. Gives `op` back otherwise.
     pub(super) fn join(&mut self, slot: usize, op: RequestOp) -> Result<IoKind, RequestOp> {
-        let kind = match (&mut self.op, op) {
-            (
-                RequestOp::Read {
-                    offset: at,
-                    buf: held,
-                },
-                RequestOp::Read { offset, buf },
-            ) if continues(*at, held, offset, &buf) => {
-                held.append(buf);
-                IoKind::Read
-            }
-            (
-                RequestOp::Write {
-                    offset: at,
-                    buf: held,
-                },
-                RequestOp::Write { offset, buf },
-            ) if continues(*at, held, offset, &buf) => {
-                held.append(buf);
-                IoKind::Write
-            }
-            (_, op) => return Err(op),
+        let kind = IoKind::of(&op);
+        if !joinable(&op) || IoKind::of(&self.op) != kind {
+            return Err(op);
+        }
+        let (RequestOp::Read {
+            offset: at,
+            buf: held,
+        }
+        | RequestOp::Write {
+            offset: at,
+            buf: held,
+        }) = &mut self.op
+        else {
+            return Err(op);
         };
-        self.last = slot;
-        Ok(kind)
+        match op {
+            RequestOp::Read { offset, buf } | RequestOp::Write { offset, buf }
+                if continues(*at, held, offset, &buf) =>
+            {
+                held.append(buf);
+                self.last = slot;
+                Ok(kind)
+            }
+            op => Err(op),
+        }
     }
 }
 
