@@ -26,6 +26,7 @@ mod results;
 mod retry;
 mod scratch;
 mod stall;
+mod state;
 mod svg;
 mod table;
 
@@ -48,7 +49,7 @@ pub enum QemuMode {
 }
 
 /// `platter compare`'s arguments.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct CompareArgs {
     /// The TOML config whose [[disk]]s to measure (a disk with id = "root" is
     /// not measured); each disk is found in the guest by its serial (derived
@@ -99,6 +100,10 @@ pub struct CompareArgs {
     /// under its load).
     #[arg(long = "on-9p")]
     pub on_9p: bool,
+    /// Boots already measured by an earlier run of this comparison (the host side of the
+    /// rig passes it; see `state.rs`).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub state: Option<PathBuf>,
 }
 
 /// Why a comparison stopped.
@@ -199,6 +204,7 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
         .filter(|s| plan::on_9p(&s.disk.path))
         .map(|s| s.disk.id.as_str())
         .collect();
+    let mut saved = args.state.as_deref().map(state::load).unwrap_or_default();
     let mut platter_runs = Vec::new();
     let mut qemu_runs = Vec::new();
     for round in 1..=args.rounds {
@@ -208,7 +214,14 @@ pub fn run(args: CompareArgs) -> Result<(), Error> {
                 args.rounds
             );
         }
-        match measure_round(&args, &plan, &mut platter_runs, &mut qemu_runs) {
+        match measure_round(
+            &args,
+            &plan,
+            round,
+            &mut saved,
+            &mut platter_runs,
+            &mut qemu_runs,
+        ) {
             Ok(()) => {}
             // The first round must succeed; a later failure (a guest lost to the host, as
             // the nested rig sometimes does) costs only its own round.
@@ -358,24 +371,55 @@ fn platter_command(args: &CompareArgs, plan: &Plan, cmdline: &str) -> Result<Com
 }
 
 /// One boot under Platter, then one under QEMU when it runs; each report joins its list.
+/// A boot an earlier run of this comparison finished (`saved`) is not booted again.
 fn measure_round(
     args: &CompareArgs,
     plan: &Plan,
+    round: u32,
+    saved: &mut state::Saved,
     platter: &mut Vec<fio::Report>,
     qemu: &mut Vec<fio::Report>,
 ) -> Result<(), Error> {
-    platter.push(retry::boot(plan, "platter", |line| {
-        platter_command(args, plan, line)
+    platter.push(boot_once(args, round, saved, "platter", || {
+        retry::boot(plan, "platter", |line| platter_command(args, plan, line))
     })?);
     if let Some((bin, qargs)) = &plan.qemu {
-        eprintln!("platter compare: booting the same guest under QEMU");
-        qemu.push(retry::boot(plan, "qemu", |line| {
-            let mut c = Command::new(bin);
-            c.args(retry::with_append(qargs, line));
-            Ok(c)
+        qemu.push(boot_once(args, round, saved, "qemu", || {
+            eprintln!("platter compare: booting the same guest under QEMU");
+            retry::boot(plan, "qemu", |line| {
+                let mut c = Command::new(bin);
+                c.args(retry::with_append(qargs, line));
+                Ok(c)
+            })
         })?);
     }
     Ok(())
+}
+
+/// `who`'s boot of `round`: the one saved by an earlier run, or a new one (then saved).
+fn boot_once(
+    args: &CompareArgs,
+    round: u32,
+    saved: &mut state::Saved,
+    who: &str,
+    boot: impl FnOnce() -> Result<fio::Report, Error>,
+) -> Result<fio::Report, Error> {
+    if let Some(r) = saved.remove(&(round, who.to_string())) {
+        eprintln!(
+            "platter compare: round {round}: {who}'s numbers from the run before L1 went down"
+        );
+        return Ok(r);
+    }
+    let report = boot()?;
+    if let Some(path) = &args.state {
+        if let Err(e) = state::save(path, round, who, &report) {
+            eprintln!(
+                "platter compare: cannot keep the boot's numbers in {}: {e}",
+                path.display()
+            );
+        }
+    }
+    Ok(report)
 }
 
 /// Added to twice a boot's stall limit: how long the rig may print nothing before its L1
@@ -597,6 +641,9 @@ fn rig_args(args: &CompareArgs) -> Vec<String> {
     if args.on_9p {
         a.push("--on-9p".into());
     }
+    if let Some(s) = &args.state {
+        a.push(format!("--state={}", s.display()));
+    }
     a
 }
 
@@ -636,7 +683,15 @@ fn to_rig(args: &CompareArgs, why: &str, plan: &Plan) -> Error {
     // are mostly cut short by the stall limit, well before a whole boot's time).
     let boots = 2 * u64::from(args.rounds) + u64::from(retry::BOOT_ATTEMPTS) - 1;
     let timeout = boots * per_boot.as_secs() + RIG_ALLOWANCE_S;
-    let mut cmd = crate::rig::command(&script, &rig_args(args));
+    // What each run finishes is kept for the next one, should L1 go down (state.rs).
+    let state = repo.as_ref().map(|r| {
+        let dir = r.join("target");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("compare-state-{}.txt", std::process::id()))
+    });
+    let mut args = args.clone();
+    args.state.clone_from(&state);
+    let mut cmd = crate::rig::command(&script, &rig_args(&args));
     cmd.splice(1..1, ["--timeout".to_string(), timeout.to_string()]);
     eprintln!(
         "platter compare: {why}; running it in the nested rig: {}",
@@ -650,7 +705,11 @@ fn to_rig(args: &CompareArgs, why: &str, plan: &Plan) -> Error {
     // The rig is silent for a boot's stall limit when a guest stops (compare itself kills
     // that guest and says so); twice that and more means L1 itself stopped.
     let silence = 2 * plan.silence + Duration::from_secs(RIG_SILENCE_EXTRA_S);
-    match crate::rig::run_retrying(&cmd, silence, &again) {
+    let result = crate::rig::run_retrying(&cmd, silence, &again);
+    if let Some(s) = &state {
+        let _ = std::fs::remove_file(s);
+    }
+    match result {
         Ok(code) => std::process::exit(code),
         Err(e) => Error::Usage(format!("cannot start {}: {e}", cmd[0])),
     }
@@ -692,10 +751,13 @@ mod tests {
             "o.svg",
             "--json",
             "o.json",
+            "--state",
+            "target/s.txt",
         ])
         .unwrap()
         .args;
         let again = rig_args(&a);
+        assert!(again.contains(&"--state=target/s.txt".to_string()));
         assert_eq!(again[0], "compare");
         let b = Cli::try_parse_from(
             std::iter::once("x".to_string()).chain(again.iter().skip(1).cloned()),
