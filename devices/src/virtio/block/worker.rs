@@ -75,10 +75,9 @@ pub(super) struct Worker {
     inflight: Vec<Option<InFlight>>,
     free: Vec<usize>,
     pending: VecDeque<Request>,
-    /// The batch's last read or write, not yet submitted: the next may join it.
+    /// The batch's last read or write, not yet submitted: the next may join it
+    /// (when `limits.merging`).
     held: Option<Held>,
-    /// Join adjacent reads and writes of a batch (`BlkConfig::request_merging`).
-    merging: bool,
     stats: Arc<DiskStats>,
 }
 
@@ -92,7 +91,6 @@ impl Worker {
         wce: Arc<AtomicBool>,
     ) -> Self {
         let stats = disk.stats();
-        let merging = limits.merging;
         Self {
             disk,
             mem,
@@ -111,7 +109,6 @@ impl Worker {
             free: Vec::new(),
             pending: VecDeque::new(),
             held: None,
-            merging,
             stats,
         }
     }
@@ -292,7 +289,7 @@ impl Worker {
             }
         };
         let mut ops = ops;
-        if self.merging && ops.len() == 1 && joinable(&ops[0]) {
+        if self.limits.merging && ops.len() == 1 && joinable(&ops[0]) {
             if let Some(op) = ops.pop() {
                 self.hold(slot, op);
             }
