@@ -145,9 +145,8 @@ struct Plan {
     overrides: Vec<String>,
     /// QEMU's binary and arguments, when QEMU runs.
     qemu: Option<(PathBuf, Vec<String>)>,
-    /// The kernel command line that measures every disk.
-    cmdline: String,
-    /// What it is made of: the config's own line, the modules, the runtime of a job.
+    /// What the kernel command line of a boot is made of (see `cmdline_for`): the config's
+    /// own line, the modules, the runtime of a job.
     base_cmdline: String,
     modules: Vec<&'static str>,
     runtime: u32,
@@ -159,12 +158,11 @@ struct Plan {
 }
 
 impl Plan {
-    /// The kernel command line whose script measures only `subjects`.
-    fn cmdline_for(&self, subjects: &[plan::Subject]) -> String {
+    /// The kernel command line whose script measures only `subjects` (never longer than
+    /// the whole plan's, which `make_plan` checked).
+    fn cmdline_for(&self, subjects: &[plan::Subject]) -> Result<String, Error> {
         let script = guest::script(subjects, &self.jobs, self.size, self.runtime);
-        // Fewer disks make a shorter line than the whole plan's, which was checked.
-        guest::cmdline(&self.base_cmdline, &self.modules, &script)
-            .unwrap_or_else(|_| self.cmdline.clone())
+        guest::cmdline(&self.base_cmdline, &self.modules, &script).map_err(Error::Usage)
     }
 }
 
@@ -347,7 +345,6 @@ fn make_plan(args: &CompareArgs) -> Result<Plan, Error> {
         size,
         overrides,
         qemu,
-        cmdline,
         base_cmdline: cfg.kernel.cmdline.clone(),
         modules,
         runtime: args.runtime,
