@@ -16,6 +16,7 @@ mod logger;
 mod memory;
 mod pci;
 mod rig;
+mod signals;
 mod stop;
 mod terminal;
 mod vm;
@@ -216,6 +217,12 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, reports: Reports) -> 
         Ok(_) => {}
         Err(e) => log::warn!("{e}"),
     }
+    // From here on SIGTERM, SIGINT and SIGHUP stop the machine in order (signals.rs); the
+    // mask must be in place before the first thread starts (disk engines, the stats file).
+    if let Err(e) = signals::block() {
+        eprintln!("platter: cannot block the stop signals: {e}");
+        return EXIT_FAILURE;
+    }
     let disks = match disks::open_all(&cfg) {
         Ok(d) => d,
         Err(e) => {
@@ -262,6 +269,13 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, reports: Reports) -> 
         Ok(vm::Outcome::PowerOff) => 0,
         Ok(vm::Outcome::Reset) if cfg.machine.on_reboot == config::OnReboot::Restart => restart(),
         Ok(vm::Outcome::Reset) => 0,
+        Ok(vm::Outcome::Signal(sig)) => {
+            eprintln!(
+                "platter: stopped on {}: the guest was halted, its disks drained and flushed",
+                signals::name(sig)
+            );
+            0
+        }
         Err(e) => {
             eprintln!("platter: {e}");
             EXIT_FAILURE
@@ -272,6 +286,7 @@ fn run(path: PathBuf, set: Vec<String>, rig_mode: RigMode, reports: Reports) -> 
 /// Start the same command line again in a fresh process: a clean machine.
 fn restart() -> u8 {
     use std::os::unix::process::CommandExt;
+    signals::unblock();
     let args: Vec<String> = std::env::args().collect();
     let e = std::process::Command::new("/proc/self/exe")
         .arg0(&args[0])

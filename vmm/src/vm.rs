@@ -88,6 +88,8 @@ pub enum Outcome {
     PowerOff,
     /// The guest reset (reboot, or a triple fault).
     Reset,
+    /// Platter was asked to stop by this signal (`signals.rs`).
+    Signal(libc::c_int),
 }
 
 /// vCPU exits counted by reason, over all vCPUs (issue: exits per I/O).
@@ -123,6 +125,7 @@ impl ExitCounts {
 enum Event {
     Power(PowerEvent),
     Failed(VmError),
+    Signal(libc::c_int),
 }
 
 struct ChannelSink(Mutex<Sender<Event>>);
@@ -206,6 +209,14 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
 
     let (tx, rx) = channel();
     let sink: Arc<dyn PowerSink> = Arc::new(ChannelSink(Mutex::new(tx.clone())));
+    let on_signal = Mutex::new(tx.clone());
+    crate::signals::spawn_waiter(move |sig| {
+        let _ = on_signal
+            .lock()
+            .expect("signal sender lock")
+            .send(Event::Signal(sig));
+    })
+    .map_err(io_err("starting the signal thread"))?;
     let mut pio = Bus::new();
     let serial = Arc::new(Mutex::new(Serial::new(
         irq_line(&vm, COM1_IRQ)?,
@@ -314,6 +325,7 @@ impl Machine {
             Ok(Event::Power(PowerEvent::PowerOff)) => Ok(Outcome::PowerOff),
             Ok(Event::Power(PowerEvent::Reset)) => Ok(Outcome::Reset),
             Ok(Event::Failed(e)) => Err(e),
+            Ok(Event::Signal(sig)) => Ok(Outcome::Signal(sig)),
             Err(_) => Err(VmError::Vcpu {
                 cpu: 0,
                 reason: "all vCPU threads ended without a power event".into(),

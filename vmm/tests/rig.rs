@@ -83,6 +83,8 @@ fn platter_run(script: &str, extra: &[&str]) -> String {
 /// Seconds a rig job may take; the slowest (compare, Platter and QEMU) takes
 /// about four minutes on a quiet machine.
 const RIG_TIMEOUT_SECS: &str = "480";
+/// How many times a job whose guest died is run in all (see [`in_rig`]).
+const RIG_ATTEMPTS: u32 = 3;
 /// `guests/rig`'s status when the job ran out of time.
 const RIG_TIMED_OUT: i32 = 124;
 
@@ -93,8 +95,10 @@ const RIG_TIMED_OUT: i32 = 124;
 /// when L1 itself died (seen once: L1's kernel took a fatal exception inside
 /// KVM_RUN, "Kernel panic - not syncing: Fatal exception in interrupt", with
 /// its stack pointer at a page boundary: the nested TCG SVM again).
-const GUEST_DIED: [&str; 3] = [
+const GUEST_DIED: [&str; 4] = [
     "triple fault",
+    // disk_job.sh's line for a guest it stopped for overrunning.
+    "GUEST HUNG:",
     "the guest script did not finish (exit status missing)",
     "without reporting the command's exit status",
 ];
@@ -105,15 +109,25 @@ const GUEST_DIED: [&str; 3] = [
 /// one run in ten: never reaches init, or soft lockups, with Platter's own
 /// trace showing nothing pending) or triple-faults under write load (seen
 /// twice in about ten virtio-blk runs; not understood yet, see the issue
-/// notes). Such a job is run once more, loudly; every other failure, and a
-/// second death, fails the test.
+/// notes). Such a job is run again, loudly, up to [`RIG_ATTEMPTS`] times in
+/// all (CI once saw two deaths in a row in one test: a stall, then a triple
+/// fault early in the boot); every other failure, and the last death, fails
+/// the test. A stalled disk job costs `GUEST_LIMIT` (disk_job.sh), not the
+/// rig's whole timeout: Platter is stopped, with its statistics printed.
 fn in_rig(job: &str) -> (i32, String) {
-    let (rc, out) = in_rig_once(job);
-    if rc != RIG_TIMED_OUT && !GUEST_DIED.iter().any(|m| out.contains(m)) {
-        return (rc, out);
+    let mut attempt = 1;
+    loop {
+        let (rc, out) = in_rig_once(job);
+        let died = rc == RIG_TIMED_OUT || GUEST_DIED.iter().any(|m| out.contains(m));
+        if !died || attempt == RIG_ATTEMPTS {
+            return (rc, out);
+        }
+        eprintln!(
+            "RIG FLAKE: the guest died (status {rc}); running the job again ({} of {RIG_ATTEMPTS})",
+            attempt + 1
+        );
+        attempt += 1;
     }
-    eprintln!("RIG FLAKE: the guest died (status {rc}); running the job once more");
-    in_rig_once(job)
 }
 
 fn in_rig_once(job: &str) -> (i32, String) {
@@ -327,6 +341,13 @@ fn assert_error_path(out: &str) {
 /// that the job ran, Platter exited 0 and the guest script finished, and
 /// returns the output.
 fn disk_job(name: &str, config: &str, guest_script: &str) -> String {
+    let out = disk_job_unfinished(name, config, guest_script);
+    assert!(out.contains(MARK_EXIT), "guest script did not finish");
+    out
+}
+
+/// [`disk_job`] for a guest that is stopped before its script ends.
+fn disk_job_unfinished(name: &str, config: &str, guest_script: &str) -> String {
     let template = write_template(name, config);
     let job = format!(
         "bash vmm/tests/rig/disk_job.sh '{}' '{}' '{guest_script}'",
@@ -336,7 +357,6 @@ fn disk_job(name: &str, config: &str, guest_script: &str) -> String {
     let (rc, out) = in_rig(&job);
     assert_eq!(rc, 0, "the rig job failed");
     assert_eq!(value(&out, "RUN_RC "), Some("0"), "Platter must exit 0");
-    assert!(out.contains(MARK_EXIT), "guest script did not finish");
     out
 }
 
@@ -518,6 +538,48 @@ fn virtio_blk_multiqueue_serves_one_queue_per_vcpu() {
             .unwrap();
         assert!(n > 0, "no interrupt on queue {q}");
     }
+}
+
+/// SIGTERM stops Platter in order: the guest wrote to a qcow2 disk without a
+/// flush, so the image's new L2 entries were only in Platter's memory; after
+/// the stop the image is consistent and holds what the guest wrote, and the
+/// statistics were printed.
+#[test]
+fn sigterm_stops_in_order_and_keeps_what_qcow2_held_in_memory() {
+    if !enabled() {
+        return;
+    }
+    let mut config = guest_header(DISK_TEST_VCPUS, "virtio_pci,virtio_blk", "/dev/vda");
+    config += &disk_toml("root", "root.ext4", "");
+    config += &disk_toml("held", "held.qcow2", "cache = \"writeback\"");
+    let out = disk_job_unfinished("sigterm.toml", &config, "vmm/tests/rig/sigterm_guest.sh");
+    assert!(
+        !out.contains("GUEST HUNG"),
+        "the guest never asked to be stopped"
+    );
+    assert!(
+        out.contains("platter: stopped on SIGTERM"),
+        "no word of the orderly stop"
+    );
+    assert!(out.contains("vcpu exits: "), "--exit-stats after a signal");
+    assert_eq!(value(&out, "DD_RC "), Some("0"));
+    let held = disk_stats(&out, "held");
+    assert!(
+        held.contains("write: ops="),
+        "the writes reached Platter: {held}"
+    );
+    // Without a flush from the guest only the orderly stop wrote the tables back.
+    assert!(!held.contains("flush:"), "the guest flushed: {held}");
+    assert_eq!(
+        value(&out, "QCOW2_CHECK held "),
+        Some("0"),
+        "qemu-img check"
+    );
+    assert_eq!(
+        value(&out, "QCOW2_SHA256_4M held "),
+        value(&out, "WROTE_SHA256 "),
+        "the image lost what the guest wrote"
+    );
 }
 
 /// A disk of a comparison test; the file's extension is its format.

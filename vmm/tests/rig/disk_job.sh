@@ -55,8 +55,34 @@ set +e
     done
 ) > /tmp/platter-threads.txt &
 watcher=$!
-"$platter" run $work/vm.toml --rig=never --exit-stats --disk-stats --stats-file $work/stats.json
+# Platter runs in the background, its output streamed: a guest that prints
+# PLATTER-HOST-SIGTERM asks the host to stop Platter with SIGTERM (the orderly
+# stop), and one that has not finished within GUEST_LIMIT seconds is stopped
+# the same way, so a hung guest still shows Platter's exit and disk statistics.
+limit=${GUEST_LIMIT:-300}
+out=/tmp/platter.out
+: > $out
+"$platter" run $work/vm.toml --rig=never --exit-stats --disk-stats --stats-file $work/stats.json \
+    > $out 2>&1 &
+pid=$!
+tail -n +1 -f --pid=$pid $out &
+tailer=$!
+start=$(date +%s)
+while kill -0 $pid 2>/dev/null; do
+    if grep -q '^PLATTER-HOST-SIGTERM' $out; then
+        kill -TERM $pid
+        break
+    fi
+    if [ $(( $(date +%s) - start )) -ge "$limit" ]; then
+        echo "GUEST HUNG: the guest had not finished after $limit s; stopping Platter with SIGTERM"
+        kill -TERM $pid
+        break
+    fi
+    sleep 0.5
+done
+wait $pid
 echo "RUN_RC $?"
+wait $tailer
 kill $watcher; wait $watcher 2>/dev/null
 echo "THREADS $(sort -u /tmp/platter-threads.txt | tr '\n' ' ')"
 # The stats file's last write: the number of disks in it, and each disk's read ops.
@@ -69,5 +95,16 @@ for f in $work/*.raw $work/*.qcow2; do
     [ -e "$f" ] || continue
     n=${f##*/}
     echo "ALLOC_KIB ${n%.*} $(( $(stat -c %b "$f") * 512 / 1024 ))"
+done
+# Each qcow2 image as QEMU's tools see it after Platter: consistent, and the
+# checksum of its first 4 MiB (what the guest wrote there).
+for f in $work/*.qcow2; do
+    [ -e "$f" ] || continue
+    n=${f##*/}
+    qemu-img check -q "$f" >/dev/null 2>&1
+    echo "QCOW2_CHECK ${n%.*} $?"
+    qemu-img convert -O raw "$f" /tmp/converted.raw
+    echo "QCOW2_SHA256_4M ${n%.*} $(head -c 4194304 /tmp/converted.raw | sha256sum | cut -d' ' -f1)"
+    rm -f /tmp/converted.raw
 done
 umount $work
