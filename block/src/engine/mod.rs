@@ -18,11 +18,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::options::{AioMode, DiskOptions};
 use crate::BlockError;
 
+mod inline;
 pub mod native;
 #[cfg(test)]
 mod testing;
 pub mod threads;
 pub mod uring;
+
+pub use inline::INLINE_WRITE_MAX;
 
 /// Host iovecs of one operation.
 #[derive(Debug)]
@@ -153,7 +156,11 @@ pub fn new_engine(opts: &DiskOptions, evt: EventFd) -> Result<Box<dyn Engine>, B
             opts.threads,
             !opts.cache.direct(),
         )?),
-        AioMode::IoUring => Box::new(uring::UringEngine::new(evt, opts.uring_entries)?),
+        AioMode::IoUring => Box::new(uring::UringEngine::new(
+            evt,
+            opts.uring_entries,
+            !opts.cache.direct(),
+        )?),
         AioMode::Native if !opts.cache.direct() => return Err(BlockError::NativeAioNeedsDirect),
         AioMode::Native => Box::new(native::NativeEngine::new(evt, opts.uring_entries)?),
     })

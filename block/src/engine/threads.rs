@@ -10,47 +10,30 @@
 //! way io_uring serves cached reads inline. Handing a cached 4 KiB read to a worker and back
 //! cost 30-40 µs of wake-ups against 2 µs of copying (`scripts/bench-img.sh`, rr4k-d1
 //! writeback: 0.07x of fio psync). A read that would block, or comes back short, goes to a
-//! worker whole. Buffered writes (not RWF_DSYNC) up to [`INLINE_WRITE_MAX`] run on the
-//! submitting thread too, as a
-//! plain pwritev2, at any queue depth: a buffered write is a copy into the page cache under
-//! the file's inode lock, which ext4 and XFS take exclusively, so workers writing one image
-//! never ran in parallel anyway; they only added two wake-ups and a fight for the lock per
-//! write (100k random 4 KiB writes at depth 32: 0.47-0.52 s on the workers, 0.21-0.22 s
-//! inline, qemu-img bench 0.86-0.92 s; at depth 1: 2.8-3.1 s on the workers, 0.30 s inline,
-//! qemu-img bench 2.3 s, fio psync 0.54 s). ext4 refuses RWF_NOWAIT for buffered writes, so
-//! one can block, in dirty-page throttling or behind a journal commit; one that takes over
-//! 1 ms sends writes to the workers for the next second, so a throttled page cache costs the
-//! device thread one stall a second at most. Reads above [`INLINE_MAX`] stay on the
-//! workers: copying 1 MiB takes longer than a hand-off, and on the submitting thread the
-//! copies of a deep queue run one at a time instead of on several workers, which buffered
-//! reads can (4000 cached 1 MiB reads at depth 4: 0.25 s inline, 0.20 s on the workers,
-//! qemu-img bench 0.22-0.26 s). Writes, which the inode lock serializes, run inline up to
-//! [`INLINE_WRITE_MAX`] (20000 128 KiB writes at depth 8: 0.91-1.11 s on the workers,
-//! 0.64-0.70 s inline; 2000 1 MiB writes at depth 4: 0.56-0.63 s, 0.52-0.55 s).
+//! worker whole. Reads above [`INLINE_MAX`] stay on the workers: copying 1 MiB takes longer
+//! than a hand-off, and on the submitting thread the copies of a deep queue run one at a time
+//! instead of on several workers, which buffered reads can (4000 cached 1 MiB reads at depth
+//! 4: 0.25 s inline, 0.20 s on the workers, qemu-img bench 0.22-0.26 s).
+//!
+//! Buffered writes (not RWF_DSYNC) up to [`INLINE_WRITE_MAX`] run on the submitting thread
+//! too, as a plain pwritev2, at any queue depth; `inline.rs` says why and what it measured.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::inline::InlineWrites;
+#[cfg(doc)]
+use super::INLINE_WRITE_MAX;
 use super::{run_blocking, Engine, EngineCompletion, EngineOp, OpKind};
 use crate::options::AioMode;
 use crate::BlockError;
 
 /// Largest read tried inline: about as long to copy as a hand-off to a worker takes.
 pub const INLINE_MAX: usize = 64 << 10;
-/// Largest buffered write run inline: larger ones would hold the submitting thread for
-/// longer than its other queues and disks should wait.
-pub const INLINE_WRITE_MAX: usize = 1 << 20;
-/// An inline buffered write that took longer than this (dirty-page throttling, a journal
-/// commit) stops inline writes for [`INLINE_WRITE_BACKOFF`]: the submitting thread serves
-/// other queues and disks too.
-const INLINE_WRITE_SLOW: Duration = Duration::from_millis(1);
-const INLINE_WRITE_BACKOFF: Duration = Duration::from_secs(1);
-
 struct Queue {
     jobs: VecDeque<EngineOp>,
     shutdown: bool,
@@ -76,10 +59,8 @@ pub struct ThreadsEngine {
     /// Try reads inline with RWF_NOWAIT (page-cache files only; cleared when the file
     /// system refuses the flag).
     inline_reads: bool,
-    /// Small buffered writes may run inline (page-cache files only)...
-    inline_writes: bool,
-    /// ...except until this instant, after a slow one.
-    writes_paused_until: Option<Instant>,
+    /// When a buffered write runs inline (page-cache files only).
+    writes: InlineWrites,
     /// Reads and writes completed inline so far.
     inline_done: u64,
 }
@@ -112,8 +93,7 @@ impl ThreadsEngine {
             workers: Vec::new(),
             max_threads: max_threads.max(1),
             inline_reads: page_cache,
-            inline_writes: page_cache,
-            writes_paused_until: None,
+            writes: InlineWrites::new(page_cache),
             inline_done: 0,
         };
         engine.spawn()?;
@@ -151,13 +131,7 @@ impl ThreadsEngine {
             {
                 (offset, iovecs)
             }
-            OpKind::Write {
-                iovecs,
-                dsync: false,
-                ..
-            } if self.inline_writes && iovecs.total() <= INLINE_WRITE_MAX => {
-                return self.try_inline_write(op);
-            }
+            OpKind::Write { .. } => return self.try_inline_write(op),
             _ => return Some(op),
         };
         let ret = iovecs.preadv2(op.fd, *offset, libc::RWF_NOWAIT);
@@ -181,24 +155,11 @@ impl ThreadsEngine {
         None
     }
 
-    /// Run a buffered write here: copying 4 KiB into the page cache takes a few
-    /// microseconds, a hand-off to a worker and back tens, and the file system runs buffered
-    /// writes to one file one at a time whichever thread issues them. A write that was slow
-    /// (the page cache was being throttled) pauses this for a while.
+    /// Run a small buffered write here (`inline.rs`).
     fn try_inline_write(&mut self, op: EngineOp) -> Option<EngineOp> {
-        if let Some(until) = self.writes_paused_until {
-            if Instant::now() < until {
-                return Some(op);
-            }
-            self.writes_paused_until = None;
-        }
-        let start = Instant::now();
-        let result = run_blocking(&op);
-        let took = start.elapsed();
-        if took > INLINE_WRITE_SLOW {
-            log::debug!("block: an inline buffered write took {took:?}; writes go to the workers for a while");
-            self.writes_paused_until = Some(Instant::now() + INLINE_WRITE_BACKOFF);
-        }
+        let Some(result) = self.writes.try_run(&op) else {
+            return Some(op);
+        };
         self.inline_done += 1;
         self.shared.complete(EngineCompletion { id: op.id, result });
         None
@@ -260,7 +221,7 @@ impl Engine for ThreadsEngine {
     }
 
     fn submit(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
-        let op = if self.inline_reads || self.inline_writes {
+        let op = if self.inline_reads || self.writes.enabled() {
             match self.try_inline(op) {
                 Some(op) => op,
                 None => return Ok(()),
@@ -329,9 +290,10 @@ mod tests {
     use super::*;
     use crate::engine::testing::{next, read_op, submit};
     use crate::engine::IoVecs;
+    use crate::engine::INLINE_WRITE_MAX;
     use crate::testutil::TempDir;
     use std::os::fd::AsRawFd;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     fn engine(threads: usize, page_cache: bool) -> ThreadsEngine {
         ThreadsEngine::new(
@@ -515,12 +477,13 @@ mod tests {
         assert_eq!(next(&mut e).result.unwrap(), large.len());
         assert_eq!(e.inline_completions(), 3);
 
-        e.writes_paused_until = Some(Instant::now() + Duration::from_secs(60));
+        e.writes
+            .pause_until(Instant::now() + Duration::from_secs(60));
         settle(&e);
         submit(&mut e, write_op(fd, 5, &small, false));
         assert_eq!(next(&mut e).result.unwrap(), 4096);
         assert_eq!(e.inline_completions(), 3);
-        e.writes_paused_until = Some(Instant::now());
+        e.writes.pause_until(Instant::now());
         settle(&e);
         submit(&mut e, write_op(fd, 6, &small, false));
         assert_eq!(next(&mut e).result.unwrap(), 4096);
