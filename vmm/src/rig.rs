@@ -52,16 +52,22 @@ const L1_STOPPED: &str = "rig: L1 stopped";
 /// own timeout would wait out the whole run), kill it and everything it started and run
 /// it again: in long comparisons the nested rig's L1 now and then stops or hangs
 /// (seen a few times in multi-round runs, always while QEMU was the L2's VMM), and the
-/// whole run would otherwise be lost. At most [`RIG_ATTEMPTS`] runs; `told` gets the
-/// reason for each further one.
+/// whole run would otherwise be lost. So is a command that exits with status `wedged`
+/// (compare's for a VMM it could not kill: L1's KVM went wrong, and L1 is no use any more).
+/// At most [`RIG_ATTEMPTS`] runs; `told` gets the reason for each further one.
 pub fn run_retrying(
     cmd: &[String],
     silence: Duration,
+    wedged: Option<i32>,
     told: &dyn Fn(&str),
 ) -> std::io::Result<i32> {
     watch::retry(
         RIG_ATTEMPTS,
         || match run_watched(cmd, silence) {
+            Ok((code, trouble)) if trouble.is_none() && Some(code) == wedged => (
+                Ok(code),
+                Some("a VMM in the rig's L1 could not be killed".to_string()),
+            ),
             Ok((code, trouble)) => (Ok(code), trouble),
             Err(e) => (Err(e), None),
         },
@@ -147,11 +153,14 @@ mod tests {
         silence: Duration,
         told: &std::cell::RefCell<Vec<String>>,
     ) -> i32 {
-        run_retrying(&fake_rig(dir, body), silence, &|why| {
+        run_retrying(&fake_rig(dir, body), silence, Some(WEDGED), &|why| {
             told.borrow_mut().push(why.into())
         })
         .unwrap()
     }
+
+    /// The fake command's status for "a VMM could not be killed".
+    const WEDGED: i32 = 4;
 
     #[test]
     fn a_run_whose_l1_stopped_or_hung_goes_again() {
@@ -178,6 +187,18 @@ mod tests {
         assert_eq!(run(&dir, other, long, &told), 125);
         assert_eq!(told.borrow().len(), RIG_ATTEMPTS as usize, "not retried");
         assert_eq!(run(&dir, "exit 0\n", long, &told), 0);
+
+        // A command that could not kill its VMM: L1 is no use, the next run gets a fresh one.
+        std::fs::remove_file(&marker).unwrap();
+        let wedged = format!(
+            "if [ -e {m} ]; then exit 0; fi\ntouch {m}\nexit {WEDGED}\n",
+            m = marker.display()
+        );
+        assert_eq!(run(&dir, &wedged, long, &told), 0);
+        assert_eq!(
+            told.borrow().last().map(String::as_str),
+            Some("a VMM in the rig's L1 could not be killed")
+        );
 
         // Kernel messages are no progress: a rig that prints only those is silent.
         assert!(is_kernel_message(

@@ -66,6 +66,8 @@ pub struct Outcome {
     pub killed: bool,
     /// Killed for silence.
     pub stalled: bool,
+    /// Killed, and still alive [`UNKILLABLE`] later (stuck inside the kernel).
+    pub lingering: bool,
 }
 
 /// Run `cmd` (stdin from /dev/null) under `limits`, its stdout and stderr handled as told.
@@ -110,6 +112,7 @@ pub fn run(
     // that holds them) is gone; a child that could not be killed keeps them, and its
     // output so far is lost.
     if out.killed && child.try_wait()?.is_none() {
+        out.lingering = true;
         return Ok(out);
     }
     let [o, e] = readers;

@@ -19,6 +19,9 @@ pub struct Run {
     pub timed_out: bool,
     /// Whether it was killed because its console fell silent (see [`run`]).
     pub stalled: bool,
+    /// Whether it was still alive after being killed: stuck inside the kernel, as a VMM
+    /// whose vCPU went wrong in the nested rig's L1 KVM is.
+    pub lingering: bool,
 }
 
 /// Lines shown when a boot fails.
@@ -62,6 +65,7 @@ pub fn run(
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         timed_out: out.killed,
         stalled: out.stalled,
+        lingering: out.lingering,
     })
 }
 

@@ -115,6 +115,10 @@ pub enum Error {
     /// A boot or a fio job failed (the guest's last lines went to stderr).
     #[error("{0}")]
     Failed(String),
+    /// A killed VMM did not die: it is stuck inside the kernel of the machine compare runs
+    /// on (in the nested rig, L1's KVM went wrong), and every later boot there stalls too.
+    #[error("{0}")]
+    Wedged(String),
 }
 
 impl Error {
@@ -123,9 +127,14 @@ impl Error {
         match self {
             Error::Usage(_) => 2,
             Error::Failed(_) => 1,
+            Error::Wedged(_) => EXIT_WEDGED,
         }
     }
 }
+
+/// compare's exit status for [`Error::Wedged`]: the host side of the rig runs the whole
+/// comparison again in a fresh L1 (`rig.rs`).
+pub const EXIT_WEDGED: u8 = 3;
 
 /// Seconds allowed for a guest to boot and power off, on top of the jobs.
 const BOOT_ALLOWANCE_S: u64 = 120;
@@ -571,6 +580,12 @@ fn boot_and_measure(
             eprintln!("--- {who}: stderr");
             eprintln!("{}", boot::tail(&run.stderr, boot::TAIL_LINES));
         }
+        if run.lingering {
+            let p = format!(
+                "{p}, but it did not die: it is stuck in this machine's kernel (in the nested rig, L1's KVM went wrong), where further boots stall too"
+            );
+            return Err((Error::Wedged(p), report));
+        }
         return Err((Error::Failed(p), report));
     }
     Ok(report)
@@ -702,7 +717,7 @@ fn to_rig(args: &CompareArgs, why: &str, plan: &Plan) -> Error {
     // The rig is silent for a boot's stall limit when a guest stops (compare itself kills
     // that guest and says so); twice that and more means L1 itself stopped.
     let silence = 2 * plan.silence + Duration::from_secs(RIG_SILENCE_EXTRA_S);
-    let result = crate::rig::run_retrying(&cmd, silence, &again);
+    let result = crate::rig::run_retrying(&cmd, silence, Some(i32::from(EXIT_WEDGED)), &again);
     if let Some(s) = &state {
         let _ = std::fs::remove_file(s);
     }

@@ -47,6 +47,9 @@ pub(super) fn boot(
                     r.samples.append(&mut kept.samples);
                     (Ok(r), None)
                 }
+                // This machine cannot boot anything any more: the host side of the rig
+                // starts a fresh L1 (`EXIT_WEDGED`).
+                Err((e @ Error::Wedged(_), _)) => (Err(e), None),
                 Err((e, partial)) => {
                     let done = finished(&left, &plan.jobs, &partial);
                     for (key, sample) in partial.samples {
