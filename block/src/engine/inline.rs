@@ -99,53 +99,49 @@ impl InlineWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::IoVecs;
-
-    fn write(fd: i32, src: &[u8], dsync: bool) -> EngineOp {
-        EngineOp {
-            id: 0,
-            fd,
-            kind: OpKind::Write {
-                offset: 0,
-                iovecs: IoVecs(vec![libc::iovec {
-                    iov_base: src.as_ptr() as *mut libc::c_void,
-                    iov_len: src.len(),
-                }]),
-                dsync,
-            },
-        }
-    }
+    use crate::engine::testing::{file_with, read_op, write_op};
 
     /// Buffered writes up to the limit run (and land); durable, larger, O_DIRECT-file and
     /// paused ones are left alone.
     #[test]
     fn only_small_buffered_writes_run_and_a_pause_holds() {
         let dir = crate::testutil::TempDir::new("inline-writes");
+        let (f, _) = file_with(&dir, 4096);
         let path = dir.path().join("f");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
         let small = vec![0x5au8; 4096];
         let mut w = InlineWrites::new(true);
-        assert_eq!(w.try_run(&write(fd, &small, false)).unwrap().unwrap(), 4096);
+        assert_eq!(
+            w.try_run(&write_op(fd, 0, 0, &small, false))
+                .unwrap()
+                .unwrap(),
+            4096
+        );
         assert_eq!(std::fs::read(&path).unwrap(), small);
-        assert!(w.try_run(&write(fd, &small, true)).is_none(), "RWF_DSYNC");
+        assert!(
+            w.try_run(&write_op(fd, 0, 0, &small, true)).is_none(),
+            "RWF_DSYNC"
+        );
         let large = vec![1u8; INLINE_WRITE_MAX + 1];
-        assert!(w.try_run(&write(fd, &large, false)).is_none(), "too large");
+        assert!(
+            w.try_run(&write_op(fd, 0, 0, &large, false)).is_none(),
+            "too large"
+        );
         let mut read = vec![0u8; 4096];
-        let op = crate::engine::testing::read_op(fd, 0, 0, &mut read);
+        let op = read_op(fd, 0, 0, &mut read);
         assert!(w.try_run(&op).is_none(), "reads are not its business");
         w.pause_until(Instant::now() + Duration::from_secs(60));
-        assert!(w.try_run(&write(fd, &small, false)).is_none(), "paused");
+        assert!(
+            w.try_run(&write_op(fd, 0, 0, &small, false)).is_none(),
+            "paused"
+        );
         w.pause_until(Instant::now());
-        assert!(w.try_run(&write(fd, &small, false)).is_some(), "pause over");
+        assert!(
+            w.try_run(&write_op(fd, 0, 0, &small, false)).is_some(),
+            "pause over"
+        );
         assert!(InlineWrites::new(false)
-            .try_run(&write(fd, &small, false))
+            .try_run(&write_op(fd, 0, 0, &small, false))
             .is_none());
     }
 }

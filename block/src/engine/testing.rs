@@ -22,6 +22,36 @@ pub fn read_op(fd: i32, id: u64, offset: u64, buf: &mut [u8]) -> EngineOp {
     }
 }
 
+/// A write of `src` at `offset`, with RWF_DSYNC when `dsync`.
+pub fn write_op(fd: i32, id: u64, offset: u64, src: &[u8], dsync: bool) -> EngineOp {
+    EngineOp {
+        id,
+        fd,
+        kind: OpKind::Write {
+            offset,
+            iovecs: IoVecs(vec![libc::iovec {
+                iov_base: src.as_ptr() as *mut libc::c_void,
+                iov_len: src.len(),
+            }]),
+            dsync,
+        },
+    }
+}
+
+/// A file `f` in `dir` of `len` patterned bytes, open for reading and writing through the
+/// page cache; and the bytes.
+pub fn file_with(dir: &TempDir, len: usize) -> (std::fs::File, Vec<u8>) {
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let path = dir.path().join("f");
+    std::fs::write(&path, &data).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    (f, data)
+}
+
 /// Submit a read into each of `bufs`: read `first + i` fills `bufs[i]` from offset
 /// `(first + i) * len`.
 pub fn submit_reads(e: &mut dyn Engine, fd: i32, bufs: &mut [AlignedBuf], first: u64) {

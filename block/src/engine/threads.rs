@@ -288,8 +288,7 @@ impl Drop for ThreadsEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{next, read_op, submit};
-    use crate::engine::IoVecs;
+    use crate::engine::testing::{file_with, next, read_op, submit, write_op};
     use crate::engine::INLINE_WRITE_MAX;
     use crate::testutil::TempDir;
     use std::os::fd::AsRawFd;
@@ -302,18 +301,6 @@ mod tests {
             page_cache,
         )
         .unwrap()
-    }
-
-    fn file_with(dir: &TempDir, len: usize) -> (std::fs::File, Vec<u8>) {
-        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
-        let path = dir.path().join("f");
-        std::fs::write(&path, &data).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        (f, data)
     }
 
     /// Completions that pile up before the consumer resets the eventfd cost one signal; the
@@ -397,21 +384,6 @@ mod tests {
         assert_eq!(e.inline_completions(), 0);
     }
 
-    fn write_op(fd: i32, id: u64, src: &[u8], dsync: bool) -> EngineOp {
-        EngineOp {
-            id,
-            fd,
-            kind: OpKind::Write {
-                offset: 0,
-                iovecs: IoVecs(vec![libc::iovec {
-                    iov_base: src.as_ptr() as *mut libc::c_void,
-                    iov_len: src.len(),
-                }]),
-                dsync,
-            },
-        }
-    }
-
     /// Without the page cache (O_DIRECT files) every operation goes to a worker, writes too.
     #[test]
     fn direct_engines_never_run_inline() {
@@ -423,7 +395,7 @@ mod tests {
         assert_eq!(next(&mut direct).result.unwrap(), 4096);
         assert_eq!(buf, data[..4096]);
         let src = vec![0x3cu8; 4096];
-        submit(&mut direct, write_op(f.as_raw_fd(), 2, &src, false));
+        submit(&mut direct, write_op(f.as_raw_fd(), 2, 0, &src, false));
         assert_eq!(next(&mut direct).result.unwrap(), 4096);
         assert_eq!(direct.inline_completions(), 0);
     }
@@ -450,10 +422,10 @@ mod tests {
 
         let small = vec![0xa5u8; 4096];
         settle(&e);
-        submit(&mut e, write_op(fd, 1, &small, false));
+        submit(&mut e, write_op(fd, 1, 0, &small, false));
         assert_eq!(e.inline_completions(), 1);
         // The first completion is not collected yet: the next write runs inline all the same.
-        submit(&mut e, write_op(fd, 2, &small, false));
+        submit(&mut e, write_op(fd, 2, 0, &small, false));
         assert_eq!(e.inline_completions(), 2);
         assert_eq!(next(&mut e).result.unwrap(), 4096);
         assert_eq!(next(&mut e).result.unwrap(), 4096);
@@ -461,10 +433,10 @@ mod tests {
 
         let durable = vec![0x5au8; 4096];
         settle(&e);
-        submit(&mut e, write_op(fd, 3, &durable, true));
+        submit(&mut e, write_op(fd, 3, 0, &durable, true));
         assert_eq!(next(&mut e).result.unwrap(), 4096);
         let mid = vec![0x11u8; 128 << 10];
-        submit(&mut e, write_op(fd, 7, &mid, false));
+        submit(&mut e, write_op(fd, 7, 0, &mid, false));
         assert_eq!(
             e.inline_completions(),
             3,
@@ -473,19 +445,19 @@ mod tests {
         assert_eq!(next(&mut e).result.unwrap(), mid.len());
         let large = vec![0x77u8; INLINE_WRITE_MAX + 4096];
         settle(&e);
-        submit(&mut e, write_op(fd, 4, &large, false));
+        submit(&mut e, write_op(fd, 4, 0, &large, false));
         assert_eq!(next(&mut e).result.unwrap(), large.len());
         assert_eq!(e.inline_completions(), 3);
 
         e.writes
             .pause_until(Instant::now() + Duration::from_secs(60));
         settle(&e);
-        submit(&mut e, write_op(fd, 5, &small, false));
+        submit(&mut e, write_op(fd, 5, 0, &small, false));
         assert_eq!(next(&mut e).result.unwrap(), 4096);
         assert_eq!(e.inline_completions(), 3);
         e.writes.pause_until(Instant::now());
         settle(&e);
-        submit(&mut e, write_op(fd, 6, &small, false));
+        submit(&mut e, write_op(fd, 6, 0, &small, false));
         assert_eq!(next(&mut e).result.unwrap(), 4096);
         assert_eq!(e.inline_completions(), 4, "the pause ends");
         let c = contents();

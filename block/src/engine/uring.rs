@@ -264,7 +264,7 @@ impl Drop for UringEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{completed_ids, filled, submit_reads};
+    use crate::engine::testing::{completed_ids, file_with, filled, submit_reads, write_op};
     use crate::sg::AlignedBuf;
     use crate::testutil::TempDir;
 
@@ -295,42 +295,21 @@ mod tests {
         assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x3c)));
     }
 
-    fn write_op(fd: i32, id: u64, offset: u64, src: &[u8]) -> EngineOp {
-        EngineOp {
-            id,
-            fd,
-            kind: OpKind::transfer(
-                true,
-                offset,
-                crate::engine::IoVecs(vec![libc::iovec {
-                    iov_base: src.as_ptr() as *mut libc::c_void,
-                    iov_len: src.len(),
-                }]),
-                false,
-            ),
-        }
-    }
-
     /// A small buffered write completes inside `submit`, announced on the eventfd once until
     /// the consumer rearms; a large one goes through the ring; so does every write when the
     /// file is not served through the page cache.
     #[test]
     fn small_buffered_writes_complete_inline_and_signal_once() {
         let dir = TempDir::new("uring-inline");
+        let (f, _) = file_with(&dir, 4 << 20);
         let path = dir.path().join("f");
-        std::fs::write(&path, vec![0u8; 4 << 20]).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
         let fd = f.as_raw_fd();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut e = UringEngine::new(evt.try_clone().unwrap(), 32, true).unwrap();
         let a = vec![0xa1u8; 4096];
         let b = vec![0xb2u8; 4096];
-        e.submit(write_op(fd, 1, 0, &a)).unwrap();
-        e.submit(write_op(fd, 2, 4096, &b)).unwrap();
+        e.submit(write_op(fd, 1, 0, &a, false)).unwrap();
+        e.submit(write_op(fd, 2, 4096, &b, false)).unwrap();
         assert_eq!(e.inline_completions(), 2);
         assert!(e.ready());
         assert_eq!(evt.read().unwrap(), 1, "one signal for both");
@@ -340,7 +319,7 @@ mod tests {
         assert!(c[..4096] == a[..] && c[4096..8192] == b[..]);
 
         let large = vec![0x3cu8; crate::engine::INLINE_WRITE_MAX + 4096];
-        e.submit(write_op(fd, 3, 0, &large)).unwrap();
+        e.submit(write_op(fd, 3, 0, &large, false)).unwrap();
         assert_eq!(
             e.inline_completions(),
             2,
@@ -349,7 +328,7 @@ mod tests {
         assert!(completed_ids(&mut e, 1, large.len()) == [3]);
 
         let mut direct = UringEngine::new(evt.try_clone().unwrap(), 32, false).unwrap();
-        direct.submit(write_op(fd, 4, 0, &a)).unwrap();
+        direct.submit(write_op(fd, 4, 0, &a, false)).unwrap();
         assert!(completed_ids(&mut direct, 1, 4096) == [4]);
         assert_eq!(direct.inline_completions(), 0);
     }
