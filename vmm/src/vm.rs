@@ -209,12 +209,9 @@ pub fn start(kvm: &Kvm, cfg: &Config, disks: Vec<OpenedDisk>) -> Result<Machine,
 
     let (tx, rx) = channel();
     let sink: Arc<dyn PowerSink> = Arc::new(ChannelSink(Mutex::new(tx.clone())));
-    let on_signal = Mutex::new(tx.clone());
+    let on_signal = tx.clone();
     crate::signals::spawn_waiter(move |sig| {
-        let _ = on_signal
-            .lock()
-            .expect("signal sender lock")
-            .send(Event::Signal(sig));
+        let _ = on_signal.send(Event::Signal(sig));
     })
     .map_err(io_err("starting the signal thread"))?;
     let mut pio = Bus::new();
