@@ -111,8 +111,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let mut completed = 0u64;
     let mut in_flight = 0usize;
     let mut first_error = None;
+    // This thread serves the one disk, as an I/O thread with one disk does; each round's
+    // submissions go to the engine as one batch, as a device's drained ring does.
+    disk.set_alone(true);
     let start = Instant::now();
     while completed < args.count {
+        disk.plug();
         while submitted < args.count && in_flight < args.depth {
             let off = next_off;
             next_off += step;
@@ -151,6 +155,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             }
             submitted += 1;
         }
+        disk.unplug();
         if in_flight == 0 {
             continue;
         }

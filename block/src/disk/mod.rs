@@ -341,6 +341,13 @@ impl Disk {
         self.engine.unplug();
     }
 
+    /// Say whether the thread that submits to this disk serves it alone (no other disk or
+    /// device on it): a request plugged and unplugged by itself while nothing else is in
+    /// flight may then run on that thread (`aio=threads`; see [`crate::engine::Engine::set_alone`]).
+    pub fn set_alone(&mut self, alone: bool) {
+        self.engine.set_alone(alone);
+    }
+
     /// Number of requests submitted and not yet returned by [`Disk::completions`], including
     /// those waiting for throttle budget.
     pub fn in_flight(&self) -> usize {

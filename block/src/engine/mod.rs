@@ -25,7 +25,7 @@ mod testing;
 pub mod threads;
 pub mod uring;
 
-pub use inline::INLINE_WRITE_MAX;
+pub use inline::{INLINE_WRITE_MAX, LONE_MAX};
 
 /// Host iovecs of one operation.
 #[derive(Debug)]
@@ -146,6 +146,11 @@ pub trait Engine: Send {
     fn plug(&mut self) {}
     /// Hand the held operations to the kernel and stop holding.
     fn unplug(&mut self) {}
+    /// Whether the submitting thread serves this engine and nothing else: then an unplugged
+    /// batch of one request with nothing else in flight (a guest at queue depth 1) may run on
+    /// that thread instead of being handed off and waited for (`inline.rs`; engines whose
+    /// hand-off costs no wake-up ignore it).
+    fn set_alone(&mut self, _alone: bool) {}
 }
 
 /// Build the engine `opts.aio` names, signalling on `evt`.

@@ -19,13 +19,13 @@
 //! too, as a plain pwritev2, at any queue depth; `inline.rs` says why and what it measured.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::inline::InlineWrites;
+use super::inline::Inline;
 #[cfg(doc)]
 use super::INLINE_WRITE_MAX;
 use super::{run_blocking, Engine, EngineCompletion, EngineOp, OpKind};
@@ -49,6 +49,8 @@ struct Shared {
     /// The eventfd was written and the consumer has not reset it since ([`Engine::rearm`]):
     /// it is still readable, so a later completion needs no write of its own.
     raised: AtomicBool,
+    /// Operations handed to the workers and not finished yet.
+    busy: AtomicUsize,
 }
 
 /// The thread-pool engine.
@@ -59,8 +61,12 @@ pub struct ThreadsEngine {
     /// Try reads inline with RWF_NOWAIT (page-cache files only; cleared when the file
     /// system refuses the flag).
     inline_reads: bool,
-    /// When a buffered write runs inline (page-cache files only).
-    writes: InlineWrites,
+    /// When a buffered write or a lone request runs inline.
+    inline: Inline,
+    /// Operations are held until [`Engine::unplug`].
+    plugged: bool,
+    /// What was submitted while plugged.
+    held: Vec<EngineOp>,
     /// Reads and writes completed inline so far.
     inline_done: u64,
 }
@@ -87,13 +93,16 @@ impl ThreadsEngine {
             done: Mutex::new(VecDeque::new()),
             evt,
             raised: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
         });
         let mut engine = ThreadsEngine {
             shared,
             workers: Vec::new(),
             max_threads: max_threads.max(1),
             inline_reads: page_cache,
-            writes: InlineWrites::new(page_cache),
+            inline: Inline::new(page_cache),
+            plugged: false,
+            held: Vec::new(),
             inline_done: 0,
         };
         engine.spawn()?;
@@ -157,12 +166,45 @@ impl ThreadsEngine {
 
     /// Run a small buffered write here (`inline.rs`).
     fn try_inline_write(&mut self, op: EngineOp) -> Option<EngineOp> {
-        let Some(result) = self.writes.try_run(&op) else {
+        let Some(result) = self.inline.try_run(&op) else {
             return Some(op);
         };
         self.inline_done += 1;
         self.shared.complete(EngineCompletion { id: op.id, result });
         None
+    }
+}
+
+impl ThreadsEngine {
+    /// Queue `ops` for the workers under one lock, wake as many idle ones and start more
+    /// while the queue outgrows them.
+    fn hand_off(&mut self, ops: impl Iterator<Item = EngineOp>) {
+        let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let before = q.jobs.len();
+        for op in ops {
+            self.shared.busy.fetch_add(1, Ordering::AcqRel);
+            q.jobs.push_back(op);
+        }
+        let added = q.jobs.len() - before;
+        if added == 0 {
+            return;
+        }
+        let want = q.jobs.len().saturating_sub(q.idle);
+        let grow = want.min(self.max_threads.saturating_sub(self.workers.len()));
+        // A busy worker looks at the queue before it waits again; only a waiting one needs
+        // the wake-up (a futex system call even with no waiter).
+        let wake = added.min(q.idle);
+        drop(q);
+        for _ in 0..wake {
+            self.shared.work.notify_one();
+        }
+        for _ in 0..grow {
+            if let Err(e) = self.spawn() {
+                // The workers already running will get to the jobs.
+                log::warn!("block: {e}");
+                break;
+            }
+        }
     }
 }
 
@@ -184,6 +226,7 @@ fn worker(shared: &Shared) {
         };
         let result = run_blocking(&op);
         shared.complete(EngineCompletion { id: op.id, result });
+        shared.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -221,7 +264,7 @@ impl Engine for ThreadsEngine {
     }
 
     fn submit(&mut self, op: EngineOp) -> Result<(), (BlockError, EngineOp)> {
-        let op = if self.inline_reads || self.writes.enabled() {
+        let op = if self.inline_reads || self.inline.writes_enabled() {
             match self.try_inline(op) {
                 Some(op) => op,
                 None => return Ok(()),
@@ -229,23 +272,37 @@ impl Engine for ThreadsEngine {
         } else {
             op
         };
-        let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.jobs.push_back(op);
-        let grow = q.jobs.len() > q.idle && self.workers.len() < self.max_threads;
-        // A busy worker looks at the queue before it waits again; only a waiting one needs
-        // the wake-up (a futex system call even with no waiter).
-        let wake = q.idle > 0;
-        drop(q);
-        if wake {
-            self.shared.work.notify_one();
-        }
-        if grow {
-            if let Err(e) = self.spawn() {
-                // The workers already running will get to the job.
-                log::warn!("block: {e}");
-            }
+        if self.plugged {
+            self.held.push(op);
+        } else {
+            self.hand_off(std::iter::once(op));
         }
         Ok(())
+    }
+
+    fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    fn unplug(&mut self) {
+        self.plugged = false;
+        if self.held.len() == 1
+            && self.inline.alone()
+            && self.shared.busy.load(Ordering::Acquire) == 0
+        {
+            if let Some(result) = self.inline.try_lone(&self.held[0]) {
+                let op = self.held.pop().expect("one held");
+                self.inline_done += 1;
+                self.shared.complete(EngineCompletion { id: op.id, result });
+                return;
+            }
+        }
+        let held = std::mem::take(&mut self.held);
+        self.hand_off(held.into_iter());
+    }
+
+    fn set_alone(&mut self, alone: bool) {
+        self.inline.set_alone(alone);
     }
 
     fn ready(&mut self) -> bool {
@@ -272,6 +329,8 @@ impl Engine for ThreadsEngine {
 
 impl Drop for ThreadsEngine {
     fn drop(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        self.hand_off(held.into_iter());
         self.shared
             .queue
             .lock()
@@ -288,8 +347,8 @@ impl Drop for ThreadsEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{file_with, next, read_op, submit, write_op};
-    use crate::engine::INLINE_WRITE_MAX;
+    use crate::engine::testing::{completed_ids, file_with, next, read_op, submit, write_op};
+    use crate::engine::{INLINE_WRITE_MAX, LONE_MAX};
     use crate::testutil::TempDir;
     use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
@@ -400,6 +459,67 @@ mod tests {
         assert_eq!(direct.inline_completions(), 0);
     }
 
+    /// On a thread that serves the engine alone, a batch of one small read or write with
+    /// nothing else in flight completes on unplug, on the submitting thread, O_DIRECT-style
+    /// engines included; a batch of two, a request while another is in flight, a large one,
+    /// or any request on a shared thread go to the workers.
+    #[test]
+    fn a_lone_request_runs_on_the_submitting_thread_when_alone() {
+        let dir = TempDir::new("threads-lone");
+        let (f, data) = file_with(&dir, 256 << 10);
+        let fd = f.as_raw_fd();
+        let mut e = engine(2, false);
+        let mut buf = vec![0u8; 4096];
+
+        let lone = |e: &mut ThreadsEngine, op| {
+            e.plug();
+            submit(e, op);
+            e.unplug();
+        };
+        lone(&mut e, read_op(fd, 1, 4096, &mut buf));
+        assert_eq!(next(&mut e).result.unwrap(), 4096);
+        assert_eq!(e.inline_completions(), 0, "not alone: handed off");
+
+        e.set_alone(true);
+        e.plug();
+        submit(&mut e, read_op(fd, 2, 8192, &mut buf));
+        assert!(e.pop_completion().is_none(), "held until unplug");
+        e.unplug();
+        assert_eq!(e.inline_completions(), 1);
+        let c = e.pop_completion().expect("completed on unplug");
+        assert_eq!((c.id, c.result.unwrap()), (2, 4096));
+        assert_eq!(buf, data[8192..12288]);
+        let src = vec![0x6bu8; 4096];
+        lone(&mut e, write_op(fd, 3, 0, &src, true));
+        assert_eq!(
+            e.inline_completions(),
+            2,
+            "writes too, durable ones included"
+        );
+        assert_eq!(next(&mut e).result.unwrap(), 4096);
+        assert!(std::fs::read(dir.path().join("f")).unwrap()[..4096] == src[..]);
+
+        let mut other = vec![0u8; 4096];
+        e.plug();
+        submit(&mut e, read_op(fd, 4, 0, &mut buf));
+        submit(&mut e, read_op(fd, 5, 4096, &mut other));
+        e.unplug();
+        assert_eq!(completed_ids(&mut e, 2, 4096), [4, 5]);
+        assert_eq!(e.inline_completions(), 2, "a batch of two: handed off");
+
+        e.shared.busy.fetch_add(1, Ordering::AcqRel);
+        lone(&mut e, read_op(fd, 6, 0, &mut buf));
+        assert_eq!(next(&mut e).id, 6);
+        e.shared.busy.fetch_sub(1, Ordering::AcqRel);
+        assert_eq!(e.inline_completions(), 2, "another in flight: handed off");
+
+        let mut large = vec![0u8; LONE_MAX + 4096];
+        lone(&mut e, read_op(fd, 7, 0, &mut large));
+        assert_eq!(next(&mut e).result.unwrap(), large.len());
+        assert_eq!(e.inline_completions(), 2, "above LONE_MAX: handed off");
+        assert!(large[4096..] == data[4096..LONE_MAX + 4096]);
+    }
+
     /// Wait until every worker waits for a job.
     fn settle(e: &ThreadsEngine) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -449,13 +569,13 @@ mod tests {
         assert_eq!(next(&mut e).result.unwrap(), large.len());
         assert_eq!(e.inline_completions(), 3);
 
-        e.writes
+        e.inline
             .pause_until(Instant::now() + Duration::from_secs(60));
         settle(&e);
         submit(&mut e, write_op(fd, 5, 0, &small, false));
         assert_eq!(next(&mut e).result.unwrap(), 4096);
         assert_eq!(e.inline_completions(), 3);
-        e.writes.pause_until(Instant::now());
+        e.inline.pause_until(Instant::now());
         settle(&e);
         submit(&mut e, write_op(fd, 6, 0, &small, false));
         assert_eq!(next(&mut e).result.unwrap(), 4096);

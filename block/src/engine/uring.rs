@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::inline::InlineWrites;
+use super::inline::Inline;
 use super::{Engine, EngineCompletion, EngineOp, OpKind};
 use crate::options::AioMode;
 use crate::BlockError;
@@ -39,7 +39,7 @@ pub struct UringEngine {
     /// Submission entries are queued without io_uring_enter until unplugged.
     plugged: bool,
     /// When a buffered write runs on the submitting thread instead.
-    writes: InlineWrites,
+    writes: Inline,
     /// Writes completed that way so far.
     inline_done: u64,
     /// This engine wrote the eventfd for an inline completion and the consumer has not
@@ -74,7 +74,7 @@ impl UringEngine {
             waiting: VecDeque::new(),
             done: VecDeque::new(),
             plugged: false,
-            writes: InlineWrites::new(page_cache),
+            writes: Inline::new(page_cache),
             inline_done: 0,
             raised: false,
             evt,

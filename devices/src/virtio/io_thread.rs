@@ -53,6 +53,9 @@ pub trait IoWork: Send {
     /// Polling ends: ask the driver for notifications again (serving what
     /// came in meanwhile, so none is missed).
     fn poll_end(&mut self) {}
+    /// Whether this is the only work the thread serves (told on every attach and detach):
+    /// a work alone on its thread may block it for a moment with nobody else waiting.
+    fn set_alone(&mut self, _alone: bool) {}
     /// Stop taking requests; the driver has forgotten the rings.
     fn begin_drain(&mut self);
     /// Collect completions while draining; true once nothing is in flight.
@@ -368,7 +371,16 @@ impl Serving {
             state: SlotState::Serving,
             fds,
         });
+        self.tell_alone();
         Ok(slot)
+    }
+
+    /// Tell every work whether it is the only one here.
+    fn tell_alone(&mut self) {
+        let alone = self.slots.iter().flatten().count() == 1;
+        for s in self.slots.iter_mut().flatten() {
+            s.work.set_alone(alone);
+        }
     }
 
     fn detach(&mut self, slot: usize, reply: Sender<Box<dyn IoWork>>) {
@@ -400,10 +412,12 @@ impl Serving {
         if !s.work.poll_drained() {
             return;
         }
-        let Some(s) = self.slots[slot].take() else {
+        let Some(mut s) = self.slots[slot].take() else {
             return;
         };
         self.unwatch(&s.fds);
+        s.work.set_alone(false);
+        self.tell_alone();
         if let SlotState::Draining(reply) = s.state {
             let _ = reply.send(s.work);
         }
@@ -419,5 +433,60 @@ impl Serving {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+
+    /// A work with nothing to watch that records what it was last told about being alone
+    /// (0: nothing yet, 1: not alone, 2: alone).
+    struct Probe(Arc<AtomicU8>);
+
+    impl IoWork for Probe {
+        fn serve_fds(&self) -> Vec<(RawFd, u8)> {
+            Vec::new()
+        }
+        fn drain_fds(&self) -> Vec<(RawFd, u8)> {
+            Vec::new()
+        }
+        fn start(&mut self) {}
+        fn on_event(&mut self, _local: u8) {}
+        fn after_batch(&mut self) {}
+        fn set_alone(&mut self, alone: bool) {
+            self.0.store(if alone { 2 } else { 1 }, Ordering::SeqCst);
+        }
+        fn begin_drain(&mut self) {}
+        fn poll_drained(&mut self) -> bool {
+            true
+        }
+        fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+            self
+        }
+    }
+
+    /// The only work on a thread is told it is alone; a second one makes neither alone; a
+    /// detached work is told it is no longer, and the one left is alone again.
+    #[test]
+    fn works_learn_whether_they_are_alone() {
+        let t = IoThread::new("alone-test").unwrap();
+        let (a, b) = (Arc::new(AtomicU8::new(0)), Arc::new(AtomicU8::new(0)));
+        let slot_a = t
+            .attach(Box::new(Probe(a.clone())))
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!(a.load(Ordering::SeqCst), 2);
+        let slot_b = t
+            .attach(Box::new(Probe(b.clone())))
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!((a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)), (1, 1));
+        assert!(t.detach(slot_b, None).is_some());
+        assert_eq!((a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)), (2, 1));
+        assert!(t.detach(slot_a, None).is_some());
+        assert_eq!(a.load(Ordering::SeqCst), 1);
     }
 }

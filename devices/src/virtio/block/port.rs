@@ -173,6 +173,15 @@ impl DiskPort {
         }
     }
 
+    /// Whether this worker's thread serves it alone: then a lone request may run on that
+    /// thread ([`Disk::set_alone`]). Never for a shared disk, whose other workers would wait
+    /// for the hub meanwhile.
+    pub(super) fn set_alone(&mut self, alone: bool) {
+        if let DiskPort::Own(d) = self {
+            d.set_alone(alone);
+        }
+    }
+
     /// Submit what was held since [`DiskPort::plug`].
     pub(super) fn unplug(&mut self) {
         match self {

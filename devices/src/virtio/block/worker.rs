@@ -546,6 +546,10 @@ impl IoWork for Worker {
         self.signal_used();
     }
 
+    fn set_alone(&mut self, alone: bool) {
+        self.disk.set_alone(alone);
+    }
+
     fn poll_begin(&mut self) {
         for pos in 0..self.queues.len() {
             self.suppress_notifications(pos);
