@@ -67,15 +67,27 @@ out=/tmp/platter.out
 pid=$!
 tail -n +1 -f --pid=$pid $out &
 tailer=$!
+# SIGTERM, then SIGKILL if Platter has not exited a minute later; a Platter that
+# outlives SIGKILL too is stuck in L1's kernel (a vCPU inside KVM_RUN under TCG's
+# nested SVM): the job gives up on it rather than wait out the rig's timeout.
+stop_platter() {
+    kill -TERM $pid
+    for _ in $(seq 120); do kill -0 $pid 2>/dev/null || return 0; sleep 0.5; done
+    echo "GUEST HUNG: Platter still running 60 s after SIGTERM; sending SIGKILL"
+    kill -KILL $pid
+    for _ in $(seq 40); do kill -0 $pid 2>/dev/null || return 0; sleep 0.5; done
+    echo "GUEST HUNG: Platter outlived SIGKILL by 20 s (stuck in the kernel); giving up on it"
+    exit 1
+}
 start=$(date +%s)
 while kill -0 $pid 2>/dev/null; do
     if grep -q '^PLATTER-HOST-SIGTERM' $out; then
-        kill -TERM $pid
+        stop_platter
         break
     fi
     if [ $(( $(date +%s) - start )) -ge "$limit" ]; then
         echo "GUEST HUNG: the guest had not finished after $limit s; stopping Platter with SIGTERM"
-        kill -TERM $pid
+        stop_platter
         break
     fi
     sleep 0.5
