@@ -33,9 +33,23 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// Whether an image can be copied on its own (no backing file).
-fn standalone(path: &Path) -> bool {
-    platter_block::img::info(path).is_ok_and(|i| i.backing_file.is_none())
+/// The room the copy of the image at `path` may need on the scratch file system, or None
+/// when it cannot be copied on its own (it has a backing file, or is no image). A qcow2 image
+/// grows as the guest writes: its file may be a few clusters while the fill and the write
+/// jobs allocate the whole measured region, so it gets its virtual size on top of its file,
+/// plus its metadata (L2 and refcount entries: 10 bytes per cluster, at most 1/32 of the
+/// data with 512-byte clusters). Sized by the file alone, a fresh qcow2 left the guest's
+/// writes failing with EIO (ENOSPC on the host) as soon as a comparison measured only it.
+fn room(path: &Path) -> Option<u64> {
+    let info = platter_block::img::info(path).ok()?;
+    if info.backing_file.is_some() {
+        return None;
+    }
+    let len = std::fs::metadata(path).map_or(0, |m| m.len());
+    Some(match info.format {
+        platter_block::Format::Raw => len.max(info.virtual_size),
+        platter_block::Format::Qcow2 => len + info.virtual_size + info.virtual_size / 32,
+    })
 }
 
 impl Scratch {
@@ -45,17 +59,15 @@ impl Scratch {
     pub fn for_subjects(
         subjects: &mut [Subject],
     ) -> Result<Option<(Scratch, Vec<String>)>, String> {
+        let mut bytes = 0;
         let movable: Vec<&mut Subject> = subjects
             .iter_mut()
-            .filter(|s| super::plan::on_9p(&s.disk.path) && standalone(&s.disk.path))
+            .filter(|s| super::plan::on_9p(&s.disk.path))
+            .filter(|s| room(&s.disk.path).inspect(|r| bytes += r).is_some())
             .collect();
         if movable.is_empty() {
             return Ok(None);
         }
-        let bytes: u64 = movable
-            .iter()
-            .map(|s| std::fs::metadata(&s.disk.path).map_or(0, |m| m.len()))
-            .sum();
         let base = std::env::temp_dir().join(format!("platter-compare-{}", std::process::id()));
         let (mount, image) = (base.join("mnt"), base.join("fs.ext4"));
         let made = std::fs::create_dir_all(&mount)
@@ -155,5 +167,36 @@ impl Drop for Scratch {
         if let Some(base) = self.mount.parent() {
             let _ = std::fs::remove_dir_all(base);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use platter_block::img::{create, CreateOptions};
+    use platter_block::Format;
+
+    /// A fresh qcow2 gets room for its whole virtual size, a raw image its length; an image
+    /// with a backing file is not copied.
+    #[test]
+    fn a_growing_qcow2_gets_room_for_its_virtual_size() {
+        let dir = std::env::temp_dir().join(format!("platter-room-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (q, r, o) = (dir.join("q.qcow2"), dir.join("r.raw"), dir.join("o.qcow2"));
+        let opts = CreateOptions::default();
+        create(&q, Format::Qcow2, 128 << 20, &opts).unwrap();
+        create(&r, Format::Raw, 128 << 20, &opts).unwrap();
+        let overlay = CreateOptions {
+            backing_file: Some("r.raw".into()),
+            backing_format: Some(Format::Raw),
+            ..CreateOptions::default()
+        };
+        create(&o, Format::Qcow2, 128 << 20, &overlay).unwrap();
+        let q_len = std::fs::metadata(&q).unwrap().len();
+        assert!(q_len < 1 << 20, "a fresh qcow2 is small ({q_len})");
+        assert!(room(&q).unwrap() >= q_len + (128 << 20));
+        assert_eq!(room(&r), Some(128 << 20));
+        assert_eq!(room(&o), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
