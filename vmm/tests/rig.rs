@@ -334,6 +334,10 @@ fn assert_error_path(out: &str) {
         Some("0"),
         "rewrite + verify of allocated space after the error"
     );
+    assert!(
+        out.contains("full.raw: a guest write failed on the host: I/O error: No space left on device (os error 28); the guest sees an I/O error"),
+        "Platter did not tell the user of the host's ENOSPC"
+    );
 }
 
 /// Run `disk_job.sh` in the rig with config template `config` (image paths

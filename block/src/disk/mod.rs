@@ -31,6 +31,7 @@
 
 mod close;
 mod completion;
+mod error_log;
 mod open;
 mod range_lock;
 mod request;
@@ -186,6 +187,8 @@ pub struct Disk {
     /// Requests waiting for throttle budget (`None`: no throttle group).
     throttle: Option<DiskThrottle>,
     stats: Arc<DiskStats>,
+    /// Failures on the host, told to the user.
+    errors: error_log::ErrorLog,
     /// Reads and writes that took the synchronous path.
     #[cfg(test)]
     sync_served: usize,
@@ -455,13 +458,18 @@ impl Disk {
         }
         self.start_throttled(false);
         let now = Instant::now();
-        let stats = &self.stats;
+        let (stats, errors) = (&self.stats, &mut self.errors);
         self.done
             .drain(..)
             .map(|d| {
                 let bytes = d.completion.1.as_ref().ok().copied();
                 let latency = now.saturating_duration_since(d.submitted);
                 stats.completed(d.kind, bytes, latency);
+                if let Err(e) = &d.completion.1 {
+                    if let Some(warning) = errors.failed(d.kind, e, now) {
+                        log::warn!("{warning}");
+                    }
+                }
                 d.completion
             })
             .collect::<Vec<_>>()

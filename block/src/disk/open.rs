@@ -101,6 +101,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         done: VecDeque::new(),
         throttle,
         stats: Arc::default(),
+        errors: super::error_log::ErrorLog::new(&opts.path),
         #[cfg(test)]
         sync_served: 0,
     };
