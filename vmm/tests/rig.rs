@@ -335,7 +335,8 @@ fn assert_error_path(out: &str) {
         "rewrite + verify of allocated space after the error"
     );
     assert!(
-        out.contains("full.raw: a guest write failed on the host: I/O error: No space left on device (os error 28); the guest sees an I/O error"),
+        out.lines().any(|l| l.contains("] /tmp/small/")
+            && l.trim_end().ends_with(".raw: a guest write failed on the host: I/O error: No space left on device (os error 28); the guest sees an I/O error")),
         "Platter did not tell the user of the host's ENOSPC"
     );
 }

@@ -194,7 +194,8 @@ impl IdeChannel {
 
     pub(super) fn complete(&mut self, index: usize, then: Then, result: Result<usize, BlockError>) {
         if let Err(e) = &result {
-            log::warn!("IDE: disk request failed: {e}");
+            // The block layer has warned of it (rate-limited); this traces each one.
+            log::debug!("IDE: disk request failed: {e}");
         }
         match then {
             Then::Flush => match result {
