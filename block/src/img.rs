@@ -281,6 +281,8 @@ pub struct ImageInfo {
     pub refcount_bits: Option<u32>,
     /// qcow2: image marked corrupt.
     pub corrupt: bool,
+    /// qcow2: image marked dirty (lazy refcounts, not closed cleanly).
+    pub dirty: bool,
     /// Backing file name as stored in the image.
     pub backing_file: Option<String>,
     /// Backing format as stored in the image.
@@ -334,6 +336,7 @@ fn info_one(path: &Path) -> Result<ImageInfo, BlockError> {
         qcow2_version: None,
         refcount_bits: None,
         corrupt: false,
+        dirty: false,
         backing_file: None,
         backing_format: None,
         backing_chain: Vec::new(),
@@ -345,6 +348,7 @@ fn info_one(path: &Path) -> Result<ImageInfo, BlockError> {
         info.qcow2_version = Some(h.version);
         info.refcount_bits = Some(1 << h.refcount_order);
         info.corrupt = h.is_corrupt();
+        info.dirty = h.is_dirty();
         info.backing_file = h.backing_file;
         info.backing_format = h.backing_format;
     }
