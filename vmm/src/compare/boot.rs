@@ -79,9 +79,35 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The first host-side failure Platter warned of in `stderr` (a guest request the host
+/// failed: a full file system, a device error), as "; IMAGE: a guest write failed on the
+/// host: ...", or nothing: it names the cause of I/O errors the guest met.
+pub fn host_failure(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find(|l| l.contains(" failed on the host: "))
+        .map(|l| {
+            let msg = l.split_once("] ").map_or(l, |(_, m)| m);
+            format!("; {}", msg.trim_end())
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Platter's warning of a host failure is found and stripped of the log prefix.
+    #[test]
+    fn a_host_failure_is_named() {
+        let err = "[  1.5 WARN virtio-blk platter_block::disk] /s/q.qcow2: a guest write failed on the host: I/O error: No space left on device (os error 28); the guest sees an I/O error\n\
+                   [  1.6 WARN virtio-blk platter_block::disk] /s/q.qcow2: a guest read failed on the host: x\n";
+        assert_eq!(
+            host_failure(err),
+            "; /s/q.qcow2: a guest write failed on the host: I/O error: No space left on device (os error 28); the guest sees an I/O error"
+        );
+        assert_eq!(host_failure("platter: something else\n"), "");
+    }
 
     /// A boot's console and stderr come back apart, each console line seen as progress;
     /// a console that falls silent is a stall (the watch itself is tested in `watch`).

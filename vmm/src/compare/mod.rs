@@ -556,8 +556,9 @@ fn boot_and_measure(
         ))
     } else if let Some(f) = report.failures.first() {
         Some(format!(
-            "{who}: in the guest: {f} (and {} more)",
-            report.failures.len() - 1
+            "{who}: in the guest: {f} (and {} more){}",
+            report.failures.len() - 1,
+            boot::host_failure(&run.stderr)
         ))
     } else if report.exit != Some(0) {
         Some(format!(
