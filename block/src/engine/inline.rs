@@ -84,11 +84,6 @@ impl Inline {
         self.alone = alone;
     }
 
-    /// Whether a lone request may run inline at all (see [`Inline::try_lone`]).
-    pub(crate) fn alone(&self) -> bool {
-        self.alone
-    }
-
     /// Run `op` on this thread if it is a buffered write of at most [`INLINE_WRITE_MAX`] and
     /// inline operations are not paused; its result, or None when it must go the
     /// asynchronous way.

@@ -17,6 +17,9 @@
 //!
 //! Buffered writes (not RWF_DSYNC) up to [`INLINE_WRITE_MAX`] run on the submitting thread
 //! too, as a plain pwritev2, at any queue depth; `inline.rs` says why and what it measured.
+//! So does a lone request (a plugged batch of one read or write up to 64 KiB with nothing
+//! else on the workers) when the submitting thread serves this disk alone
+//! ([`Engine::set_alone`]): a guest at queue depth 1 then costs no hand-off.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -173,9 +176,7 @@ impl ThreadsEngine {
         self.shared.complete(EngineCompletion { id: op.id, result });
         None
     }
-}
 
-impl ThreadsEngine {
     /// Queue `ops` for the workers under one lock, wake as many idle ones and start more
     /// while the queue outgrows them.
     fn hand_off(&mut self, ops: impl Iterator<Item = EngineOp>) {
@@ -286,15 +287,15 @@ impl Engine for ThreadsEngine {
 
     fn unplug(&mut self) {
         self.plugged = false;
-        if self.held.len() == 1
-            && self.inline.alone()
-            && self.shared.busy.load(Ordering::Acquire) == 0
-        {
-            if let Some(result) = self.inline.try_lone(&self.held[0]) {
-                let op = self.held.pop().expect("one held");
-                self.inline_done += 1;
-                self.shared.complete(EngineCompletion { id: op.id, result });
-                return;
+        if let [op] = self.held.as_slice() {
+            if self.shared.busy.load(Ordering::Acquire) == 0 {
+                if let Some(result) = self.inline.try_lone(op) {
+                    let id = op.id;
+                    self.held.clear();
+                    self.inline_done += 1;
+                    self.shared.complete(EngineCompletion { id, result });
+                    return;
+                }
             }
         }
         let held = std::mem::take(&mut self.held);
