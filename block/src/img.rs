@@ -372,6 +372,15 @@ pub fn human_size(n: u64) -> String {
     format!("{s} {}", UNITS[u])
 }
 
+/// qemu-img's name for a qcow2 header version ("compat" in `qemu-img info`).
+pub fn compat(version: u32) -> &'static str {
+    if version == 2 {
+        "0.10"
+    } else {
+        "1.1"
+    }
+}
+
 impl fmt::Display for ImageInfo {
     /// Like `qemu-img info --backing-chain`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -400,7 +409,7 @@ impl fmt::Display for ImageInfo {
         }
         if let Some(v) = self.qcow2_version {
             writeln!(f, "Format specific information:")?;
-            writeln!(f, "    compat: {}", if v == 2 { "0.10" } else { "1.1" })?;
+            writeln!(f, "    compat: {}", compat(v))?;
             if let Some(r) = self.refcount_bits {
                 writeln!(f, "    refcount bits: {r}")?;
             }

@@ -75,7 +75,7 @@ fn json_one(i: &img::ImageInfo) -> serde_json::Value {
     }
     if let Some(ver) = i.qcow2_version {
         let mut data = serde_json::json!({
-            "compat": if ver == 2 { "0.10" } else { "1.1" },
+            "compat": img::compat(ver),
             "corrupt": i.corrupt,
         });
         if let Some(r) = i.refcount_bits {
