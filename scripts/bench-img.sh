@@ -16,8 +16,8 @@
 #                                      neighbouring guest clusters lie far apart in the file
 #                                      (an image written randomly, as guests do)
 #                                      qcow2-overlay: an empty qcow2 over the raw image, so
-#                                      reads come from the backing file (writes allocate
-#                                      with copy-on-write; reused across write rows)
+#                                      reads come from the backing file; recreated before
+#                                      every write run, so writes allocate with copy-on-write
 #     ENGINES="threads native io_uring" CACHES="none writeback"
 #     WORKLOADS="rr4k-d1 rr4k-d32 rw4k-d1 rw4k-d32 sr1m sw1m"
 #     SCALE=1                          multiply request counts (runs are ~0.5-2 s at 1)
@@ -64,7 +64,8 @@ image_for() { # format -> path (creating it if needed)
         qcow2) [ -e "$p" ] || qemu-img create -q -f qcow2 -o preallocation=full "$p" "$SIZE" ;;
         qcow2-meta) [ -e "$p" ] || "$PLATTER" img create -f qcow2 -o preallocation=metadata "$p" "$SIZE" >/dev/null ;;
         qcow2-sparse) rm -f "$p"; qemu-img create -q -f qcow2 "$p" "$SIZE" ;;
-        qcow2-overlay) [ -e "$p" ] || {
+        qcow2-overlay) [ -e "$p" ] && [ "${FRESH:-0}" = 0 ] || {
+            rm -f "$p"
             local base; base=$(image_for raw)
             qemu-img create -q -f qcow2 -b "$base" -F raw "$p" "$SIZE"
         } ;;
@@ -145,11 +146,11 @@ for f in $FORMATS; do
                 [ "$aio" = native ] && [ "$cache" != none ] && continue
                 q=- p=- fi_ops="" pf=""
                 for _ in $(seq "$REPEAT"); do
-                    img=$(image_for "$f")
+                    img=$(FRESH=$write image_for "$f")
                     [ "$cache" = writeback ] && [ "$write" = 0 ] && cat "$img" >/dev/null
                     q=$(best "$q" "$(run_bench qemu "$img" "$(fmt_of "$f")" "$bs" "$depth" "$count" "$write" "$step" "$cache" "$aio")")
                     sync
-                    [ "$f" = qcow2-sparse ] && img=$(image_for "$f")
+                    case $f in qcow2-sparse|qcow2-overlay) img=$(FRESH=$write image_for "$f") ;; esac
                     p=$(best "$p" "$(run_bench platter "$img" "$(fmt_of "$f")" "$bs" "$depth" "$count" "$write" "$step" "$cache" "$aio")")
                     sync
                     if [ "$f" = raw ]; then

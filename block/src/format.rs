@@ -46,6 +46,47 @@ impl Extent {
     }
 }
 
+/// How a write that no cluster mapping can take in place (copy-on-write over a backing file,
+/// allocation while the guest's write cache is off, a compressed or zero cluster) becomes
+/// engine operations instead of the synchronous path: the driver picks the host clusters
+/// ([`FormatDriver::plan_cow`]), the pipeline reads the old contents the first and last
+/// cluster keep around the write, writes the whole span, and only then does the driver link
+/// the new clusters ([`FormatDriver::commit_cow`]), so no mapping ever points at a cluster
+/// whose data is not there yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CowPlan {
+    /// Guest offset of the first cluster the write touches.
+    pub start: u64,
+    /// Cluster size in bytes.
+    pub cluster: u64,
+    /// The clusters from `start` on, in guest order.
+    pub clusters: Vec<CowCluster>,
+    /// Where the old contents of `[start, write offset)` are read from, to be written
+    /// again in the first cluster; `None`: nothing to keep (the write starts the cluster, the
+    /// cluster is written in place, or it is new and those bytes read as zeroes anyway).
+    pub head: Option<Vec<Extent>>,
+    /// The same for `[write end, end of the last cluster)`.
+    pub tail: Option<Vec<Extent>>,
+}
+
+/// One cluster of a [`CowPlan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CowCluster {
+    /// Its host offset in the data file.
+    pub host: u64,
+    /// Whether the mapping changes to `host` at commit (otherwise it is written in place).
+    pub link: bool,
+    /// Whether `host` was allocated for this write (it is given back if the write fails).
+    pub allocated: bool,
+}
+
+impl CowPlan {
+    /// Guest offset just past the last cluster.
+    pub fn end(&self) -> u64 {
+        self.start + self.clusters.len() as u64 * self.cluster
+    }
+}
+
 /// A disk image format as seen by [`crate::Disk`].
 pub trait FormatDriver: Send {
     /// Which format this is.
@@ -96,6 +137,24 @@ pub trait FormatDriver: Send {
             _ => None,
         })
     }
+    /// Whether a write of `[offset, offset+len)` may need a [`CowPlan`]: the pipeline then
+    /// holds the whole clusters exclusively while it runs (so no other request maps them
+    /// half-way through), and only with that hold asks [`FormatDriver::plan_cow`].
+    fn allocates(&mut self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+    /// A plan for a write [`FormatDriver::map_extents`] refused, or `None` for the
+    /// synchronous path. The caller holds the clusters exclusively until it commits or
+    /// aborts.
+    fn plan_cow(&mut self, _offset: u64, _len: u64) -> io::Result<Option<CowPlan>> {
+        Ok(None)
+    }
+    /// The plan's data is written: link its new clusters (and release what they replace).
+    fn commit_cow(&mut self, _plan: &CowPlan) -> io::Result<()> {
+        Ok(())
+    }
+    /// The plan's write failed: give back the clusters it allocated.
+    fn abort_cow(&mut self, _plan: &CowPlan) {}
     /// Synchronous read of guest bytes.
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Synchronous write of guest bytes (allocating as needed).

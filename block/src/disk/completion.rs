@@ -13,6 +13,7 @@ impl Disk {
             RmwWrite,
             SyncThen(usize),
             FinishSplit,
+            Cow(io::Result<usize>),
         }
         let EngineCompletion { id, result } = c;
         let part = (id >> PART_SHIFT) as usize;
@@ -104,6 +105,7 @@ impl Disk {
                 Ok(_) if *sync_after => Action::SyncThen(*len),
                 Ok(_) => Action::Complete(Ok(*len)),
             },
+            State::Cow(_) => Action::Cow(result),
             State::Waiting(_) => {
                 log::error!("engine completion for a request still waiting for its lock");
                 Action::Wait
@@ -117,6 +119,7 @@ impl Disk {
             }
             Action::FinishXfer => self.finish_xfer(id),
             Action::FinishSplit => self.finish_split(id),
+            Action::Cow(r) => self.on_cow_completion(id, part, r),
             Action::SyncThen(len) => {
                 self.set_state(id, State::Sync { result: len });
                 self.send(id, OpKind::Fdatasync);

@@ -31,6 +31,7 @@
 
 mod close;
 mod completion;
+mod cow;
 mod error_log;
 mod open;
 mod range_lock;
@@ -143,6 +144,8 @@ enum State {
     },
     /// fdatasync in flight; completes with `result` bytes.
     Sync { result: usize },
+    /// An allocating write planned by the driver (`cow.rs`).
+    Cow(Box<cow::Cow>),
     /// fallocate in flight.
     Falloc {
         len: usize,
@@ -154,6 +157,8 @@ enum State {
 struct InFlight {
     tag: u64,
     locked: bool,
+    /// Holds its whole clusters exclusively, as a planned allocating write must.
+    holds_clusters: bool,
     state: State,
     kind: IoKind,
     submitted: Instant,
@@ -405,9 +410,18 @@ impl Disk {
             submitted,
         } = p;
         let range = self.lock_range(&req.op);
+        let holds_clusters = matches!(req.op, RequestOp::Write { .. })
+            && range.is_some_and(|r| {
+                r.exclusive
+                    && self
+                        .driver
+                        .remap_granularity()
+                        .is_some_and(|g| r.start % g == 0 && r.end % g == 0)
+            });
         let id = self.inflight.insert(InFlight {
             tag: req.tag,
             locked: range.is_some(),
+            holds_clusters,
             state: State::Sync { result: 0 },
             kind,
             submitted,
@@ -503,12 +517,18 @@ impl Disk {
     /// The range a request must hold, if any. Writes hold theirs shared (exclusive for
     /// read-modify-write). Where discard and write-zeroes can free clusters (qcow2), they
     /// hold every cluster they touch exclusively and reads hold theirs shared, so no engine
-    /// operation is in flight on a cluster while it is freed and handed out again. Its id is
-    /// 0: the request gets its id once it is in flight, and the range with it.
-    fn lock_range(&self, op: &RequestOp) -> Option<Range> {
+    /// operation is in flight on a cluster while it is freed and handed out again; a write
+    /// that allocates holds its clusters exclusively too (`cow.rs`). Its id is 0: the request
+    /// gets its id once it is in flight, and the range with it.
+    fn lock_range(&mut self, op: &RequestOp) -> Option<Range> {
         let a = self.req_align;
         let remap = self.driver.remap_granularity();
         let (offset, len, exclusive, unit) = match op {
+            RequestOp::Write { offset, buf }
+                if remap.is_some() && self.driver.allocates(*offset, buf.len() as u64) =>
+            {
+                (*offset, buf.len() as u64, true, remap.unwrap_or(1).max(a))
+            }
             RequestOp::Write { offset, buf } => {
                 let len = buf.len() as u64;
                 (*offset, len, offset % a != 0 || len % a != 0, a)
@@ -727,6 +747,14 @@ impl Disk {
         let end = align_up(offset + buf.len() as u64, a);
         let x = match self.driver.map_extents(start, end - start, write) {
             Ok(Some(x)) => x,
+            Ok(None) if write && aligned && self.holds_clusters(id) => {
+                match self.driver.plan_cow(offset, buf.len() as u64) {
+                    Ok(Some(plan)) => self.begin_cow(id, offset, buf, plan),
+                    Ok(None) => self.write_sync(id, offset, buf),
+                    Err(e) => self.complete(id, Err(BlockError::Io(e))),
+                }
+                return None;
+            }
             Ok(None) => {
                 self.sync_path(id, offset, buf, write);
                 return None;
@@ -742,6 +770,10 @@ impl Disk {
             _ => self.sync_path(id, offset, buf, write),
         }
         None
+    }
+
+    fn holds_clusters(&mut self, id: u64) -> bool {
+        self.inflight.get_mut(id).is_some_and(|e| e.holds_clusters)
     }
 
     fn sync_path(&mut self, id: u64, offset: u64, buf: SgList, write: bool) {

@@ -14,13 +14,16 @@
 //! run of host-contiguous clusters; reads of holes and zero clusters (no backing file) are
 //! zero extents the pipeline fills itself; writes that allocate clusters which read as
 //! zeroes (no backing file) while the guest's write cache is on go to the engine too: the
-//! mapping allocates a zeroed cluster and the engine writes into it. Everything else runs
-//! synchronously here: reads of compressed clusters (and of backing data a backing qcow2
-//! cannot map), other allocating writes (copy-on-write of the rest of the cluster), discard
-//! and write-zeroes. Metadata (L2 tables, refcount blocks, L1 entries) is cached and written
-//! back at flush points or on eviction, ordered so that a crash leaks clusters at worst and
-//! never leaves a reference to an unowned one (`writeback.rs`); no lazy refcounts, so the
-//! dirty bit is never set by us.
+//! mapping allocates a zeroed cluster and the engine writes into it. Other allocating writes
+//! (copy-on-write of the rest of the cluster from the backing file) are planned here and
+//! carried out by the engine, the new clusters linked once their data is written (`cow.rs`).
+//! Everything else runs synchronously here: reads of compressed clusters (and of backing
+//! data a backing qcow2 cannot map), discard and write-zeroes, and the allocating writes a
+//! plan cannot take (unaligned for O_DIRECT, or keeping data from a compressed cluster).
+//! Metadata (L2 tables, refcount blocks, L1 entries) is cached and written back at flush
+//! points or on eviction, ordered so that a crash leaks clusters at worst and never leaves a
+//! reference to an unowned one (`writeback.rs`); no lazy refcounts, so the dirty bit is never
+//! set by us.
 //!
 //! Refused, with a message: read-write opens of images marked corrupt or dirty (their
 //! refcounts need `qemu-img check -r all`), or with internal snapshots; extended L2 entries,
@@ -39,12 +42,13 @@ use super::{
     resolve_backing, Qcow2Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2,
 };
-use crate::format::{Extent, FormatDriver};
+use crate::format::{CowPlan, Extent, FormatDriver};
 use crate::options::Format;
 use crate::raw::DEFAULT_LOGICAL_BLOCK_SIZE;
 use crate::BlockError;
 
 mod cache;
+mod cow;
 mod host;
 mod refcount;
 mod writeback;
@@ -766,6 +770,22 @@ impl FormatDriver for Qcow2Driver {
             }
         }
         Ok(Some(out))
+    }
+
+    fn allocates(&mut self, offset: u64, len: u64) -> bool {
+        self.allocates_in(offset, len)
+    }
+
+    fn plan_cow(&mut self, offset: u64, len: u64) -> io::Result<Option<CowPlan>> {
+        self.plan(offset, len)
+    }
+
+    fn commit_cow(&mut self, plan: &CowPlan) -> io::Result<()> {
+        self.commit(plan)
+    }
+
+    fn abort_cow(&mut self, plan: &CowPlan) {
+        self.give_back(&plan.clusters)
     }
 
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -795,6 +795,7 @@ fn qcow2_discard_waits_for_io_in_flight_on_its_clusters() {
     }
 }
 
+mod cow;
 mod durability;
 mod interop;
 mod model;
