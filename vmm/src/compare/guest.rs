@@ -3,7 +3,10 @@
 //! serial, writes the measured region once and fsyncs it (so raw blocks and
 //! qcow2 clusters are allocated and both VMMs read real data; busybox dd has
 //! no O_DIRECT, and without the fsync the 64 MiB sat dirty in the guest's page
-//! cache and went out during the first measured jobs), runs the fio jobs and
+//! cache and went out during the first measured jobs), runs the fio jobs,
+//! then flushes the disk (an fsync of the device: a FLUSH request, so either
+//! VMM writes back what its image left in L1's page cache, on a writeback disk
+//! all the jobs' writes, before the next disk is measured, not during it) and
 //! prints one line per job:
 //!
 //! ```text
@@ -44,7 +47,8 @@ echo CMPGO $s $j;fio --name=$j --filename=/dev/$v --rw=$1 --bs=$2 --iodepth=${3#
 --direct=1 --ioengine=libaio --time_based --runtime=$T --size=$S --output-format=terse \
 --terse-version=3 >/tmp/o 2>/tmp/e;e=$?;echo CMPEND
 [ $e = 0 ]&&echo \"CMP $s $(grep '^3;' /tmp/o|cut -d';' -f1-@F@)\"||f $j $e
-done;done;exit $r";
+done;[ ${x#*:} = rw ]&&dd if=/dev/zero of=/dev/$v count=0 conv=fsync,notrunc 2>/dev/null
+done;exit $r";
 
 /// The script for these disks and jobs.
 pub fn script(subjects: &[Subject], jobs: &[Job], size: u64, runtime: u32) -> String {
@@ -176,6 +180,7 @@ mod tests {
         assert!(s.contains("D='disk-0:rw disk-1:ro'"), "{s}");
         assert!(s.contains(&format!("-f1-{TERSE_FIELDS}")));
         assert!(s.contains("echo CMPGO $s $j;fio ") && s.contains(";echo CMPEND\n"));
+        assert!(s.contains("done;[ ${x#*:} = rw ]&&dd if=/dev/zero of=/dev/$v count=0 conv=fsync"));
     }
 
     #[test]
