@@ -21,6 +21,37 @@ use crate::sg::IoVec;
 /// Largest stretch of old bytes read (and dropped) to join a head and tail read into one.
 const MAX_READ_GAP: usize = 128 << 10;
 
+/// One read of old contents: `len` bytes at `host` of `fd` for guest bytes from `guest`.
+struct ReadPiece {
+    fd: RawFd,
+    host: u64,
+    guest: u64,
+    len: usize,
+    iovecs: Vec<libc::iovec>,
+}
+
+/// A piece of what a planned write writes: old contents kept, or the guest's bytes.
+enum Segment<'a> {
+    Old(&'a AlignedBuf),
+    Guest(&'a SgList),
+}
+
+impl Segment<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Segment::Old(b) => b.len(),
+            Segment::Guest(sg) => sg.len(),
+        }
+    }
+
+    fn iovecs(&self, at: usize, len: usize) -> Vec<IoVec> {
+        match self {
+            Segment::Old(b) => vec![b.iovec(at, len)],
+            Segment::Guest(sg) => sg.iovecs_range(at, len),
+        }
+    }
+}
+
 /// A planned write in flight.
 pub(super) struct Cow {
     sg: SgList,
@@ -51,29 +82,22 @@ impl Cow {
 
     /// `len` bytes of what is written (head, guest bytes, tail) from `skip` on.
     fn stream(&self, mut skip: usize, mut len: usize) -> Vec<libc::iovec> {
+        let segments = (self.head.iter().map(Segment::Old))
+            .chain([Segment::Guest(&self.sg)])
+            .chain(self.tail.iter().map(Segment::Old));
         let mut out = Vec::new();
-        let mut take =
-            |seg_len: usize, out: &mut Vec<libc::iovec>, f: &dyn Fn(usize, usize) -> Vec<IoVec>| {
-                if len == 0 {
-                    return;
-                }
-                if skip >= seg_len {
-                    skip -= seg_len;
-                    return;
-                }
-                let n = (seg_len - skip).min(len);
-                out.extend(f(skip, n).into_iter().map(|v| v.to_libc()));
-                len -= n;
-                skip = 0;
-            };
-        if let Some(h) = &self.head {
-            take(h.len(), &mut out, &|at, n| vec![h.iovec(at, n)]);
-        }
-        take(self.sg.len(), &mut out, &|at, n| {
-            self.sg.iovecs_range(at, n)
-        });
-        if let Some(t) = &self.tail {
-            take(t.len(), &mut out, &|at, n| vec![t.iovec(at, n)]);
+        for seg in segments {
+            if len == 0 {
+                break;
+            }
+            if skip >= seg.len() {
+                skip -= seg.len();
+                continue;
+            }
+            let n = (seg.len() - skip).min(len);
+            out.extend(seg.iovecs(skip, n).into_iter().map(|v| v.to_libc()));
+            len -= n;
+            skip = 0;
         }
         out
     }
@@ -116,9 +140,8 @@ impl Disk {
             .tail
             .as_ref()
             .map(|_| AlignedBuf::new((plan.end() - end) as usize, align));
-        // Reads as (fd, host, guest offset, length, iovecs); zero extents need none (the
-        // buffers start zeroed).
-        let mut pieces: Vec<(RawFd, u64, u64, usize, Vec<libc::iovec>)> = Vec::new();
+        // Zero extents need no read: the buffers start zeroed.
+        let mut pieces: Vec<ReadPiece> = Vec::new();
         for (buf, x, from) in [(&head, &plan.head, plan.start), (&tail, &plan.tail, end)] {
             let (Some(buf), Some(x)) = (buf, x) else {
                 continue;
@@ -127,8 +150,13 @@ impl Disk {
             for e in x {
                 let len = e.len() as usize;
                 if let Extent::Host { fd, host, .. } = *e {
-                    let iov = vec![buf.iovec(at, len).to_libc()];
-                    pieces.push((fd, host, from + at as u64, len, iov));
+                    pieces.push(ReadPiece {
+                        fd,
+                        host,
+                        guest: from + at as u64,
+                        len,
+                        iovecs: vec![buf.iovec(at, len).to_libc()],
+                    });
                 }
                 at += len;
             }
@@ -138,30 +166,33 @@ impl Disk {
         // scratch buffer and dropped, as QEMU does; a device op costs more than the bytes.
         let mut scratch = None;
         let gap = sg.len();
-        if let Some(i) = pieces.iter().position(|p| p.2 == end) {
+        if let Some(i) = pieces.iter().position(|p| p.guest == end) {
             if i > 0 && gap <= MAX_READ_GAP {
                 let (h, t) = (&pieces[i - 1], &pieces[i]);
-                if h.0 == t.0 && h.2 + h.3 as u64 == offset && h.1 + (h.3 + gap) as u64 == t.1 {
+                if h.fd == t.fd
+                    && h.guest + h.len as u64 == offset
+                    && h.host + (h.len + gap) as u64 == t.host
+                {
                     let buf = AlignedBuf::new(gap, align);
                     let t = pieces.remove(i);
                     let h = &mut pieces[i - 1];
-                    h.4.push(buf.iovec(0, gap).to_libc());
-                    h.4.extend(t.4);
-                    h.3 += gap + t.3;
+                    h.iovecs.push(buf.iovec(0, gap).to_libc());
+                    h.iovecs.extend(t.iovecs);
+                    h.len += gap + t.len;
                     scratch = Some(buf);
                 }
             }
         }
-        let lens: Vec<usize> = pieces.iter().map(|p| p.3).collect();
+        let lens: Vec<usize> = pieces.iter().map(|p| p.len).collect();
         let reads: Vec<EngineOp> = pieces
             .into_iter()
             .enumerate()
-            .map(|(i, (fd, host, _, _, iovecs))| EngineOp {
+            .map(|(i, p)| EngineOp {
                 id: id | (i as u64) << PART_SHIFT,
-                fd,
+                fd: p.fd,
                 kind: OpKind::Read {
-                    offset: host,
-                    iovecs: IoVecs(iovecs),
+                    offset: p.host,
+                    iovecs: IoVecs(p.iovecs),
                 },
             })
             .collect();
