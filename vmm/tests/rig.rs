@@ -296,6 +296,18 @@ fn virtio_blk_config() -> String {
         "discard = true\ncache = \"none\"\naio = \"io_uring\"",
     );
     t += &disk_toml("disc-off", "disc-off.raw", "discard = false");
+    // qcow2 overlays over a raw base (disk_job.sh makes `*-over.qcow2` so): writes copy on
+    // write, carried out by the engine (cache=none) or with the write cache off.
+    t += &disk_toml(
+        "cow",
+        "cow-over.qcow2",
+        "cache = \"none\"\naio = \"io_uring\"",
+    );
+    t += &disk_toml(
+        "cow-wt",
+        "cow-wt-over.qcow2",
+        "cache = \"writethrough\"\naio = \"threads\"",
+    );
     t += &disk_toml(
         "mq",
         "mq.raw",
@@ -460,6 +472,34 @@ fn virtio_blk_root_and_data_disks_under_every_cache_mode_and_engine() {
         "the written data is missing: {} KiB",
         alloc("disc-off")
     );
+
+    // Copy on write: fio verifies, and the blocks written one by one into the
+    // overlay's clusters keep the base's bytes around them, as the guest reads
+    // them and as qemu-img reads the image afterwards.
+    for s in ["cow", "cow-wt"] {
+        assert_eq!(
+            value(&out, &format!("FIO {s} ")),
+            Some("0"),
+            "fio verify on {s}"
+        );
+        assert_eq!(value(&out, &format!("COW_WRITE {s} ")), Some("0"), "{s}");
+        assert_eq!(
+            value(&out, &format!("QCOW2_CHECK {s}-over ")),
+            Some("0"),
+            "qemu-img check {s}"
+        );
+        let expect = value(&out, &format!("COW_EXPECT_SHA256 {s} ")).unwrap();
+        assert_eq!(
+            value(&out, &format!("COW_GUEST_SHA256 {s} ")),
+            Some(expect),
+            "{s}: the guest read back other bytes"
+        );
+        assert_eq!(
+            value(&out, &format!("COW_IMAGE_SHA256 {s} ")),
+            Some(expect),
+            "{s}: the image holds other bytes"
+        );
+    }
 
     // Two queues offered, one vCPU: the driver uses one, the other stays idle.
     assert_eq!(value(&out, "MQ "), Some("1"));

@@ -24,7 +24,15 @@ for img in $(sed -n 's|^path = "@WORK@/\(.*\.raw\)"|\1|p' "$template"); do
     "$platter" img create -f raw "$work/$img" 32M >/dev/null
 done
 for img in $(sed -n 's|^path = "@WORK@/\(.*\.qcow2\)"|\1|p' "$template"); do
-    "$platter" img create -f qcow2 "$work/$img" 32M >/dev/null
+    case $img in
+        # An overlay over a raw base of random bytes (kept, to check against).
+        *-over.qcow2)
+            base=${img%-over.qcow2}-base.img
+            head -c 32M /dev/urandom > "$work/$base"
+            "$platter" img create -f qcow2 -o backing_file="$base",backing_fmt=raw \
+                "$work/$img" >/dev/null ;;
+        *) "$platter" img create -f qcow2 "$work/$img" 32M >/dev/null ;;
+    esac
 done
 # Images under @SMALL@ live on an 8 MiB file system: writes past that fail
 # with ENOSPC, which the guest must see as an I/O error (the error path).
@@ -117,6 +125,21 @@ for f in $work/*.qcow2; do
     echo "QCOW2_CHECK ${n%.*} $?"
     qemu-img convert -O raw "$f" /tmp/converted.raw
     echo "QCOW2_SHA256_4M ${n%.*} $(head -c 4194304 /tmp/converted.raw | sha256sum | cut -d' ' -f1)"
+    # An overlay: MiB 8-16 as the base with the guest's COW blocks written in
+    # (guest_lib.sh), the guest's reading of them, and the image's.
+    case $n in
+        *-over.qcow2)
+            . "$(dirname "$0")/guest_lib.sh"
+            s=${n%-over.qcow2}
+            cp "$work/$s-base.img" /tmp/expect.raw
+            cow_pattern > /tmp/cow.pat
+            for k in $COW_BLOCKS; do
+                dd if=/tmp/cow.pat of=/tmp/expect.raw bs=4096 seek=$k count=1 conv=notrunc 2>/dev/null
+            done
+            echo "COW_EXPECT_SHA256 $s $(dd if=/tmp/expect.raw bs=1M skip=8 count=8 2>/dev/null | sha256sum | cut -d' ' -f1)"
+            echo "COW_IMAGE_SHA256 $s $(dd if=/tmp/converted.raw bs=1M skip=8 count=8 2>/dev/null | sha256sum | cut -d' ' -f1)"
+            rm -f /tmp/expect.raw ;;
+    esac
     rm -f /tmp/converted.raw
 done
 umount $work

@@ -19,3 +19,17 @@ full() { # device
         --verify_fatal=1 --output=/tmp/full.log >/dev/null 2>&1
     echo "FULL_VERIFY $?"
 }
+
+# Copy-on-write check (virtio-blk test): 4 KiB blocks written, one at a time and
+# flushed, into an overlay over a raw base image; disk_job.sh (which sources
+# this file on the host too) applies the same blocks to a copy of the base and
+# compares MiB 8-16 of both. Blocks 2050, 2051: one cluster, two writes;
+# 2063: a cluster's last block; 2304: alone in its cluster.
+COW_BLOCKS="2050 2051 2063 2304"
+cow_pattern() { head -c 4096 /dev/zero | tr '\0' P; }
+cow_write() { # device
+    cow_pattern > /tmp/cow.pat
+    for k in $COW_BLOCKS; do
+        dd if=/tmp/cow.pat of=/dev/$1 bs=4096 seek=$k count=1 conv=notrunc,fsync 2>/dev/null || return 1
+    done
+}

@@ -46,6 +46,16 @@ for s in disc-on disc-q2 disc-off; do
     blkdiscard /dev/$d 2>/dev/null; echo "BLKDISCARD $s $?"
 done
 
+# qcow2 overlays over a raw base: writes copy on write (cache=none: the
+# engine carries them out; writethrough: allocation with the write cache off).
+for s in cow cow-wt; do
+    d=$(dev $s)
+    verify "$d"; echo "FIO $s $?"
+    cow_write "$d"; echo "COW_WRITE $s $?"
+    echo 3 > /proc/sys/vm/drop_caches
+    echo "COW_GUEST_SHA256 $s $(dd if=/dev/$d bs=1M skip=8 count=8 2>/dev/null | sha256sum | cut -d' ' -f1)"
+done
+
 d=$(dev mq)
 echo "MQ $(ls /sys/block/$d/mq | wc -l)"
 verify "$d"; echo "FIO mq $?"
