@@ -11,6 +11,9 @@
 //!  write, aligned            : [shared lock] pwritev from guest memory (one per extent)
 //!  write, memory unaligned   : [shared lock] copy into bounce ─▶ pwritev
 //!  write, offset unaligned   : [exclusive lock] preadv head/tail blocks ─▶ patch ─▶ pwritev
+//!  write, allocating (qcow2) : [exclusive clusters] preadv the old head/tail of the
+//!                              clusters ─▶ pwritev head + data + tail ─▶ the driver links
+//!                              the clusters (`cow.rs`)
 //!  discard / write-zeroes    : [shared lock] fallocate (─▶ fdatasync when WCE is off)
 //!  flush                     : driver metadata write-back ─▶ fdatasync (nothing with
 //!                              cache=unsafe)
@@ -26,6 +29,7 @@
 //!
 //! Files: `open.rs` (open_disk), this file (submit and starting each kind of request),
 //! `completion.rs` (engine completions: remainders, read-modify-write, finishing),
+//! `cow.rs` (allocating writes the driver plans),
 //! `close.rs` (finishing and flushing when the machine stops), `throttled.rs`,
 //! `range_lock.rs`, `request.rs`, `slab.rs` (the requests in flight, by id).
 
