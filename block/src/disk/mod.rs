@@ -534,8 +534,8 @@ impl Disk {
                 (*offset, buf.len() as u64, true, remap.unwrap_or(1).max(a))
             }
             RequestOp::Write { offset, buf } => {
-                let len = buf.len() as u64;
-                (*offset, len, offset % a != 0 || len % a != 0, a)
+                let r = self.write_range(*offset, buf.len());
+                (*offset, buf.len() as u64, r.exclusive, a)
             }
             RequestOp::Discard { offset, len } | RequestOp::WriteZeroes { offset, len, .. } => {
                 match remap {
@@ -566,10 +566,52 @@ impl Disk {
         })
     }
 
+    /// What a write that allocates nothing holds: its blocks, shared (exclusive for
+    /// read-modify-write).
+    fn write_range(&self, offset: u64, len: usize) -> Range {
+        let a = self.req_align;
+        let len = len as u64;
+        Range {
+            id: 0,
+            start: align_down(offset, a),
+            end: align_up(offset + len, a),
+            exclusive: offset % a != 0 || len % a != 0,
+        }
+    }
+
+    /// A request that held whole clusters is done. Writes waiting for those clusters only
+    /// because they too would have allocated them may find them allocated now: they wait for
+    /// their own blocks, shared, instead, so that they go together rather than one cluster
+    /// hold after another (16 sequential 4 KiB writes into one new 64 KiB cluster).
+    fn relax_waiters(&mut self) {
+        for w in self.ranges.waiting_ids() {
+            let Some(InFlight {
+                holds_clusters: true,
+                state: State::Waiting(RequestOp::Write { offset, buf }),
+                ..
+            }) = self.inflight.get_mut(w)
+            else {
+                continue;
+            };
+            let (offset, len) = (*offset, buf.len());
+            if len == 0 || self.driver.allocates(offset, len as u64) {
+                continue;
+            }
+            let r = self.write_range(offset, len);
+            self.ranges.rewait(Range { id: w, ..r });
+            if let Some(e) = self.inflight.get_mut(w) {
+                e.holds_clusters = false;
+            }
+        }
+    }
+
     fn complete(&mut self, id: u64, result: Result<usize, BlockError>) {
         let Some(entry) = self.inflight.remove(id) else {
             return;
         };
+        if entry.holds_clusters {
+            self.relax_waiters();
+        }
         self.done.push_back(Done {
             completion: (entry.tag, result),
             kind: entry.kind,

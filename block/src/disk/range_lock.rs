@@ -67,6 +67,24 @@ impl RangeLock {
         granted
     }
 
+    /// The ids of the requests waiting, in order.
+    pub fn waiting_ids(&self) -> Vec<u64> {
+        self.waiting.iter().map(|w| w.id).collect()
+    }
+
+    /// Change what a waiting request waits for (its id is `r.id`); it keeps its place.
+    /// Takes effect at the next [`RangeLock::unlock`].
+    pub fn rewait(&mut self, r: Range) {
+        if let Some(w) = self.waiting.iter_mut().find(|w| w.id == r.id) {
+            *w = r;
+        }
+    }
+
+    #[cfg(test)]
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
     #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.held.is_empty() && self.waiting.is_empty()
@@ -107,6 +125,19 @@ mod tests {
         assert!(l.unlock(3).is_empty());
         assert!(l.unlock(4).is_empty());
         assert!(l.is_idle());
+    }
+
+    #[test]
+    fn a_waiter_that_asks_for_less_goes_sooner() {
+        let mut l = RangeLock::default();
+        assert!(l.lock(r(1, 0, 65536, true)));
+        assert!(!l.lock(r(2, 0, 65536, true)));
+        assert!(!l.lock(r(3, 0, 65536, true)));
+        assert_eq!(l.waiting_ids(), vec![2, 3]);
+        // Both now want only their own block, shared: both go when 1 is done.
+        l.rewait(r(2, 0, 4096, false));
+        l.rewait(r(3, 4096, 8192, false));
+        assert_eq!(l.unlock(1), vec![2, 3]);
     }
 
     #[test]

@@ -124,3 +124,59 @@ fn allocating_writes_with_the_write_cache_off_are_durable_at_completion() {
         drop(disk);
     }
 }
+
+/// Sixteen 4 KiB writes in flight into one new cluster of an overlay: the first copies on
+/// write holding the cluster; once it has linked the cluster, the fifteen waiting for it
+/// find it allocated and go together (none still waits), and the cluster holds them all.
+#[test]
+fn writes_waiting_for_a_copied_cluster_go_together() {
+    const CL: u64 = 64 << 10;
+    const K4: u64 = 4096;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    for aio in engines_for(CacheMode::None) {
+        let dir = TempDir::new("cow-seq");
+        let base_path = dir.path().join("base.raw");
+        std::fs::write(&base_path, vec![0x11u8; DISK_SIZE as usize]).unwrap();
+        let top = dir.path().join("top.qcow2");
+        create_qcow2(&top, DISK_SIZE, CL, Some((&base_path, Format::Raw)));
+        let mut disk = open_qcow2(&top, CacheMode::None, aio);
+        let mut want = vec![0x11u8; DISK_SIZE as usize];
+        for i in 0..CL / K4 {
+            let data = vec![i as u8 + 1; K4 as usize];
+            mem.write_slice(&data, GuestAddress(i * K4)).unwrap();
+            want[(CL + i * K4) as usize..(CL + (i + 1) * K4) as usize].copy_from_slice(&data);
+            let buf = SgList::from_guest(&mem, &[(GuestAddress(i * K4), K4 as usize)]).unwrap();
+            disk.submit(Request {
+                tag: i,
+                op: RequestOp::Write {
+                    offset: CL + i * K4,
+                    buf,
+                },
+            })
+            .unwrap();
+        }
+        assert_eq!(
+            disk.ranges.waiting_len(),
+            15,
+            "{aio:?}: the first holds the cluster"
+        );
+        let mut done = Vec::new();
+        while done.is_empty() {
+            assert!(disk
+                .wait_completions(Some(Duration::from_secs(10)))
+                .unwrap());
+            done.extend(disk.completions());
+        }
+        assert_eq!(
+            disk.ranges.waiting_len(),
+            0,
+            "{aio:?}: writes still wait one by one"
+        );
+        done.extend(wait_all(&mut disk, 16 - done.len()));
+        assert!(done.iter().all(|(_, r)| r.is_ok()), "{aio:?}");
+        assert!(
+            read_via(&mut disk, &mem, 0x100000, 0, DISK_SIZE) == want,
+            "{aio:?}"
+        );
+    }
+}
