@@ -125,16 +125,13 @@ impl Disk {
                 self.send(id, OpKind::Fdatasync);
             }
             Action::RmwWrite => {
-                let Some(e) = self.inflight.get_mut(id) else {
-                    return;
-                };
-                let State::RmwRead {
+                let Some(State::RmwRead {
                     sg,
                     mut buf,
                     host_off,
                     skip,
                     ..
-                } = std::mem::replace(&mut e.state, State::Sync { result: 0 })
+                }) = self.take_state(id)
                 else {
                     return;
                 };
@@ -155,17 +152,14 @@ impl Disk {
     }
 
     fn finish_split(&mut self, id: u64) {
-        let Some(e) = self.inflight.get_mut(id) else {
-            return;
-        };
-        let State::Split {
+        let Some(State::Split {
             write,
             sg,
             offset,
             short,
             err,
             ..
-        } = std::mem::replace(&mut e.state, State::Sync { result: 0 })
+        }) = self.take_state(id)
         else {
             return;
         };
@@ -177,12 +171,7 @@ impl Disk {
     }
 
     fn finish_xfer(&mut self, id: u64) {
-        let Some(e) = self.inflight.get_mut(id) else {
-            return;
-        };
-        let State::Xfer { buf, then, .. } =
-            std::mem::replace(&mut e.state, State::Sync { result: 0 })
-        else {
+        let Some(State::Xfer { buf, then, .. }) = self.take_state(id) else {
             return;
         };
         match then {

@@ -213,7 +213,6 @@ impl Disk {
         if reads.is_empty() {
             return self.cow_write(id);
         }
-        let wanted = reads.len();
         let (sent, failed) = submit_all(self.engine.as_mut(), reads.into_iter());
         if let Some(State::Cow(c)) = self.inflight.get_mut(id).map(|e| &mut e.state) {
             c.pending = sent;
@@ -223,8 +222,6 @@ impl Disk {
         }
         if sent == 0 {
             self.cow_fallback(id);
-        } else if sent < wanted {
-            log::debug!("copy-on-write: {} of {wanted} reads sent", sent);
         }
     }
 
@@ -266,15 +263,9 @@ impl Disk {
             self.driver.abort_cow(&c.plan);
             return self.complete(id, Err(e));
         }
-        let len = c.sg.len();
-        let r = self.driver.commit_cow(&c.plan).and_then(|()| {
-            if self.dsync() {
-                self.driver.sync()
-            } else {
-                Ok(())
-            }
-        });
-        self.complete(id, r.map(|()| len).map_err(BlockError::Io));
+        // Linked; with the write cache off, made durable before the completion.
+        let r = self.driver.commit_cow(&c.plan);
+        self.finish_sync(id, c.sg.len(), r);
     }
 
     /// The head and tail are in their buffers: write everything.
@@ -323,12 +314,6 @@ impl Disk {
         }
         self.driver.abort_cow(&c.plan);
         self.write_sync(id, c.offset, c.sg);
-    }
-
-    fn take_state(&mut self, id: u64) -> Option<State> {
-        self.inflight
-            .get_mut(id)
-            .map(|e| std::mem::replace(&mut e.state, State::Sync { result: 0 }))
     }
 }
 

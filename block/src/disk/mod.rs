@@ -413,15 +413,8 @@ impl Disk {
             kind,
             submitted,
         } = p;
-        let range = self.lock_range(&req.op);
-        let holds_clusters = matches!(req.op, RequestOp::Write { .. })
-            && range.is_some_and(|r| {
-                r.exclusive
-                    && self
-                        .driver
-                        .remap_granularity()
-                        .is_some_and(|g| r.start % g == 0 && r.end % g == 0)
-            });
+        let holds_clusters = self.allocates(&req.op);
+        let range = self.lock_range(&req.op, holds_clusters);
         let id = self.inflight.insert(InFlight {
             tag: req.tag,
             locked: range.is_some(),
@@ -522,16 +515,16 @@ impl Disk {
     /// read-modify-write). Where discard and write-zeroes can free clusters (qcow2), they
     /// hold every cluster they touch exclusively and reads hold theirs shared, so no engine
     /// operation is in flight on a cluster while it is freed and handed out again; a write
-    /// that allocates holds its clusters exclusively too (`cow.rs`). Its id is 0: the request
-    /// gets its id once it is in flight, and the range with it.
-    fn lock_range(&mut self, op: &RequestOp) -> Option<Range> {
+    /// that allocates (`holds_clusters`, from [`Disk::allocates`]) holds its clusters
+    /// exclusively too (`cow.rs`). Its id is 0: the request gets its id once it is in flight,
+    /// and the range with it.
+    fn lock_range(&self, op: &RequestOp, holds_clusters: bool) -> Option<Range> {
         let a = self.req_align;
         let remap = self.driver.remap_granularity();
         let (offset, len, exclusive, unit) = match op {
-            RequestOp::Write { offset, buf }
-                if remap.is_some() && self.driver.allocates(*offset, buf.len() as u64) =>
-            {
-                (*offset, buf.len() as u64, true, remap.unwrap_or(1).max(a))
+            RequestOp::Write { offset, buf } if holds_clusters => {
+                let cluster = remap.map_or(a, |g| g.max(a));
+                (*offset, buf.len() as u64, true, cluster)
             }
             RequestOp::Write { offset, buf } => {
                 let r = self.write_range(*offset, buf.len());
@@ -564,6 +557,17 @@ impl Disk {
             end: align_up(offset + len, unit),
             exclusive,
         })
+    }
+
+    /// Whether `op` is a write that may allocate clusters (and so must hold them, see
+    /// [`crate::format::FormatDriver::allocates`]); only formats that remap are asked.
+    fn allocates(&mut self, op: &RequestOp) -> bool {
+        match op {
+            RequestOp::Write { offset, buf } if self.driver.remap_granularity().is_some() => {
+                self.driver.allocates(*offset, buf.len() as u64)
+            }
+            _ => false,
+        }
     }
 
     /// What a write that allocates nothing holds: its blocks, shared (exclusive for
@@ -619,15 +623,9 @@ impl Disk {
         });
         if entry.locked {
             for granted in self.ranges.unlock(id) {
-                let op = match self
-                    .inflight
-                    .get_mut(granted)
-                    .map(|e| std::mem::replace(&mut e.state, State::Sync { result: 0 }))
-                {
-                    Some(State::Waiting(op)) => op,
-                    _ => continue,
-                };
-                self.start(granted, op);
+                if let Some(State::Waiting(op)) = self.take_state(granted) {
+                    self.start(granted, op);
+                }
             }
         }
     }
@@ -640,6 +638,13 @@ impl Disk {
         if let Some(e) = self.inflight.get_mut(id) {
             e.state = state;
         }
+    }
+
+    /// Take a request's state out to move on from it (a placeholder stays in its place).
+    fn take_state(&mut self, id: u64) -> Option<State> {
+        self.inflight
+            .get_mut(id)
+            .map(|e| std::mem::replace(&mut e.state, State::Sync { result: 0 }))
     }
 
     /// Send one engine operation for `id`; on failure the request completes with the error.
@@ -1007,8 +1012,9 @@ impl Disk {
         self.send(id, OpKind::Fallocate { mode, offset, len });
     }
 
-    /// The synchronous path: the driver does the I/O on this thread, the request completes at
-    /// once (its eventfd signal goes out at the end of `submit`).
+    /// Complete a request whose driver work is done (the synchronous path, where the driver
+    /// does the I/O on this thread, or a planned write's link): with the write cache off, the
+    /// driver's cached metadata is made durable first.
     fn finish_sync(&mut self, id: u64, len: usize, r: io::Result<()>) {
         let r = r.and_then(|()| {
             if self.dsync() {
