@@ -742,8 +742,8 @@ impl FormatDriver for Qcow2Driver {
                 },
                 // A cluster that reads as zeroes and owns no host cluster: allocate a zeroed
                 // one and let the engine write into it (see `writeback.rs`, rule 4).
-                Cluster::Unallocated | Cluster::Zero { host: None, .. }
-                    if write && self.volatile_writes && self.backing.is_none() =>
+                cl @ (Cluster::Unallocated | Cluster::Zero { host: None, .. })
+                    if write && self.writes_in_place(cl) =>
                 {
                     let host = self.alloc_cluster()?;
                     self.set_l2(at, host | COPIED)?;

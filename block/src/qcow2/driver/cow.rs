@@ -19,8 +19,8 @@ use crate::format::{CowCluster, CowPlan, Extent, FormatDriver};
 
 impl Qcow2Driver {
     /// Whether a write to `c` can go to the engine without a plan: an owned data cluster, or
-    /// one the mapping allocates zeroed and links at once (`map_extents`).
-    fn writes_in_place(&self, c: Cluster) -> bool {
+    /// one the mapping allocates zeroed and links at once (`map_extents` asks this too).
+    pub(super) fn writes_in_place(&self, c: Cluster) -> bool {
         match c {
             Cluster::Data { copied, .. } => copied,
             Cluster::Unallocated | Cluster::Zero { host: None, .. } => {
@@ -34,16 +34,13 @@ impl Qcow2Driver {
         if self.readonly {
             return false;
         }
-        let c = self.cluster;
-        let mut at = offset - offset % c;
-        while at < offset + len {
+        for (at, _) in self.pieces(offset, len).collect::<Vec<_>>() {
             match self.lookup(at) {
                 Ok(cl) if self.writes_in_place(cl) => {}
                 Ok(_) => return true,
                 // The request fails when it maps; no hold needed for that.
                 Err(_) => return false,
             }
-            at += c;
         }
         false
     }
@@ -56,10 +53,8 @@ impl Qcow2Driver {
         let start = offset - offset % c;
         let end = (offset + len).div_ceil(c) * c;
         let mut old = Vec::new();
-        let mut at = start;
-        while at < end {
+        for (at, _) in self.pieces(offset, len).collect::<Vec<_>>() {
             old.push(self.lookup(at)?);
-            at += c;
         }
         let owned = |cl: &Cluster| matches!(cl, Cluster::Data { copied: true, .. });
         // The old contents around the write, for a first or last cluster that is replaced.
