@@ -11,6 +11,8 @@ set -euo pipefail
 platter=$1 template=$2 guest=$3
 work=/tmp/disks
 . "$(dirname "$0")/scratch.sh"
+# COW_BLOCKS and cow_pattern, shared with the guest scripts.
+. "$(dirname "$0")/guest_lib.sh"
 scratch_ext4 $work 1G
 
 cp --sparse=always guests/cache/l2/rootfs.ext4 $work/root.ext4
@@ -129,7 +131,6 @@ for f in $work/*.qcow2; do
     # (guest_lib.sh), the guest's reading of them, and the image's.
     case $n in
         *-over.qcow2)
-            . "$(dirname "$0")/guest_lib.sh"
             s=${n%-over.qcow2}
             cp "$work/$s-base.img" /tmp/expect.raw
             cow_pattern > /tmp/cow.pat
