@@ -132,33 +132,44 @@ impl Disk {
     pub(super) fn begin_cow(&mut self, id: u64, offset: u64, sg: SgList, plan: CowPlan) {
         let align = self.bounce_align();
         let end = offset + sg.len() as u64;
-        let head = plan
+        let mut head = plan
             .head
             .as_ref()
-            .map(|_| AlignedBuf::new((offset - plan.start) as usize, align));
-        let tail = plan
+            .map(|_| AlignedBuf::for_reading((offset - plan.start) as usize, align));
+        let mut tail = plan
             .tail
             .as_ref()
-            .map(|_| AlignedBuf::new((plan.end() - end) as usize, align));
-        // Zero extents need no read: the buffers start zeroed.
+            .map(|_| AlignedBuf::for_reading((plan.end() - end) as usize, align));
+        // Host extents are read into the buffers; the others (zero clusters, holes, past the
+        // backing file's end) are cleared here.
         let mut pieces: Vec<ReadPiece> = Vec::new();
-        for (buf, x, from) in [(&head, &plan.head, plan.start), (&tail, &plan.tail, end)] {
+        for (buf, x, from) in [
+            (&mut head, &plan.head, plan.start),
+            (&mut tail, &plan.tail, end),
+        ] {
             let (Some(buf), Some(x)) = (buf, x) else {
                 continue;
             };
             let mut at = 0usize;
             for e in x {
                 let len = e.len() as usize;
-                if let Extent::Host { fd, host, .. } = *e {
-                    pieces.push(ReadPiece {
+                match *e {
+                    Extent::Host { fd, host, .. } => pieces.push(ReadPiece {
                         fd,
                         host,
                         guest: from + at as u64,
                         len,
                         iovecs: vec![buf.iovec(at, len).to_libc()],
-                    });
+                    }),
+                    Extent::Zero { .. } => buf.zero(at, len),
                 }
                 at += len;
+            }
+            // A plan covers its head and tail whole; should one fall short, the rest is
+            // zeroes rather than whatever the allocator left there.
+            if at < buf.len() {
+                let rest = buf.len() - at;
+                buf.zero(at, rest);
             }
         }
         // Head and tail next to each other in one file (a write inside one cluster of a
@@ -173,7 +184,8 @@ impl Disk {
                     && h.guest + h.len as u64 == offset
                     && h.host + (h.len + gap) as u64 == t.host
                 {
-                    let buf = AlignedBuf::new(gap, align);
+                    // Only the kernel writes it; nothing reads it.
+                    let buf = AlignedBuf::for_reading(gap, align);
                     let t = pieces.remove(i);
                     let h = &mut pieces[i - 1];
                     h.iovecs.push(buf.iovec(0, gap).to_libc());

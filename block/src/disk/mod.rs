@@ -835,8 +835,17 @@ impl Disk {
         }
     }
 
+    /// Where buffers of the disk's own start (bounce buffers, copy-on-write heads and
+    /// tails): at least a page, whatever O_DIRECT needs. ext4 counts the memory address of
+    /// every segment when it decides whether a direct write is aligned to its block; an
+    /// "unaligned" one into unwritten extents takes the inode lock exclusively, waits for all
+    /// other direct I/O and completes inside io_submit. With 512-byte-aligned buffers, every
+    /// copy-on-write into a fresh overlay did: 20000 4 KiB writes at depth 32 took 1.8 s
+    /// against qemu-img bench's 1.4-1.7 s; with page-aligned ones, 1.1-1.3 s.
     fn bounce_align(&self) -> usize {
-        self.mem_align.max(self.req_align as usize).max(512)
+        self.mem_align
+            .max(self.req_align as usize)
+            .max(crate::sg::PAGE_ALIGN)
     }
 
     #[allow(clippy::too_many_arguments)]

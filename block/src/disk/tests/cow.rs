@@ -180,3 +180,21 @@ fn writes_waiting_for_a_copied_cluster_go_together() {
         );
     }
 }
+
+/// The buffers a disk makes for itself (copy-on-write heads and tails, bounce buffers) start
+/// on a page in every cache mode, whatever smaller alignment O_DIRECT would accept: ext4
+/// serialises direct writes whose segments are not block-aligned in memory
+/// (`Disk::bounce_align`).
+#[test]
+fn the_disks_own_buffers_are_page_aligned() {
+    for cache in [CacheMode::None, CacheMode::Writeback, CacheMode::Directsync] {
+        let dir = TempDir::new("align");
+        let top = dir.path().join("top.qcow2");
+        create_qcow2(&top, DISK_SIZE, 64 << 10, None);
+        let disk = open_qcow2(&top, cache, AioMode::Threads);
+        let align = disk.bounce_align();
+        assert!(align % 4096 == 0, "{cache:?}: {align}");
+        let buf = crate::sg::AlignedBuf::for_reading(60 << 10, align);
+        assert_eq!(buf.iovec(0, 1).base as usize % 4096, 0, "{cache:?}");
+    }
+}

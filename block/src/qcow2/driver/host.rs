@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 
-use crate::sg::AlignedBuf;
+use crate::sg::{AlignedBuf, PAGE_ALIGN};
 
 /// Read `buf` at `off`; bytes past the end of the file read as zeroes.
 fn pread_zero_tail(file: &File, mut off: u64, mut buf: &mut [u8]) -> io::Result<()> {
@@ -64,7 +64,7 @@ impl HostFile {
             return pread_zero_tail(&self.file, off, buf);
         }
         let (s, e) = self.bounds(off, buf.len());
-        let mut b = AlignedBuf::new((e - s) as usize, BOUNCE_ALIGN);
+        let mut b = AlignedBuf::new((e - s) as usize, PAGE_ALIGN);
         pread_zero_tail(&self.file, s, b.as_mut_slice())?;
         let at = (off - s) as usize;
         buf.copy_from_slice(&b.as_slice()[at..at + buf.len()]);
@@ -76,7 +76,7 @@ impl HostFile {
             return self.file.write_all_at(data, off);
         }
         let (s, e) = self.bounds(off, data.len());
-        let mut b = AlignedBuf::new((e - s) as usize, BOUNCE_ALIGN);
+        let mut b = AlignedBuf::new((e - s) as usize, PAGE_ALIGN);
         if s != off || e != off + data.len() as u64 {
             pread_zero_tail(&self.file, s, b.as_mut_slice())?;
         }
@@ -119,6 +119,3 @@ impl AsRawFd for HostFile {
         self.file.as_raw_fd()
     }
 }
-
-/// Bounce buffer alignment: a page satisfies every O_DIRECT memory alignment.
-const BOUNCE_ALIGN: usize = 4096;
