@@ -102,6 +102,37 @@ fn io_setup(nr: u32) -> io::Result<AioContext> {
     Ok(ctx)
 }
 
+/// io_getevents into `evs` (again when interrupted): how many came. With `min` = 0 it returns
+/// at once; otherwise it blocks until at least `min` operations finished.
+fn io_getevents(ctx: AioContext, min: usize, evs: &mut [IoEvent]) -> io::Result<usize> {
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let timeout: *const libc::timespec = if min == 0 { &zero } else { std::ptr::null() };
+    loop {
+        // SAFETY: valid event array of the given length; the timeout is null (block) or
+        // points at `zero`, which outlives the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_getevents,
+                ctx,
+                min as libc::c_long,
+                evs.len() as libc::c_long,
+                evs.as_mut_ptr(),
+                timeout,
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
 /// The Linux AIO engine.
 pub struct NativeEngine {
     ctx: AioContext,
@@ -182,30 +213,11 @@ impl NativeEngine {
     /// Block until at least one operation in the kernel finishes and take what finished.
     fn wait_one(&mut self) -> io::Result<()> {
         let mut evs = [IoEvent::default(); 8];
-        loop {
-            // SAFETY: valid event array of the given length; a null timeout blocks until at
-            // least one event.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_io_getevents,
-                    self.ctx,
-                    1 as libc::c_long,
-                    evs.len() as libc::c_long,
-                    evs.as_mut_ptr(),
-                    std::ptr::null::<libc::timespec>(),
-                )
-            };
-            if r >= 0 {
-                for ev in &evs[..r as usize] {
-                    self.take_event(*ev);
-                }
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
-            }
+        let n = io_getevents(self.ctx, 1, &mut evs)?;
+        for ev in &evs[..n] {
+            self.take_event(*ev);
         }
+        Ok(())
     }
 
     /// Submit the held operations with one io_submit (more if the kernel takes part of
@@ -354,32 +366,12 @@ impl NativeEngine {
             }
         } else {
             let mut evs = [IoEvent::default(); 64];
-            let zero = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            loop {
-                // SAFETY: valid event array of the given length and a valid timeout.
-                let r = unsafe {
-                    libc::syscall(
-                        libc::SYS_io_getevents,
-                        self.ctx,
-                        0 as libc::c_long,
-                        evs.len() as libc::c_long,
-                        evs.as_mut_ptr(),
-                        &zero,
-                    )
-                };
-                if r < 0 {
-                    if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                        continue;
-                    }
-                    break;
-                }
-                for ev in &evs[..r as usize] {
+            // An error leaves the events where they are, for the next reap.
+            while let Ok(n) = io_getevents(self.ctx, 0, &mut evs) {
+                for ev in &evs[..n] {
                     self.take_event(*ev);
                 }
-                if (r as usize) < evs.len() {
+                if n < evs.len() {
                     break;
                 }
             }
@@ -481,31 +473,20 @@ impl Drop for NativeEngine {
         // Buffers of operations in the kernel must not be freed before it is done with them.
         let mut evs = [IoEvent::default(); 64];
         while !self.inflight.is_empty() {
-            // SAFETY: valid event array; a null timeout blocks until at least one event.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_io_getevents,
-                    self.ctx,
-                    1 as libc::c_long,
-                    evs.len() as libc::c_long,
-                    evs.as_mut_ptr(),
-                    std::ptr::null::<libc::timespec>(),
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+            match io_getevents(self.ctx, 1, &mut evs) {
+                Ok(n) => {
+                    for ev in &evs[..n] {
+                        self.inflight.remove(&ev.data);
+                    }
                 }
-                log::error!(
-                    "aio: cannot wait for {} operations: {e}",
-                    self.inflight.len()
-                );
-                std::mem::forget(std::mem::take(&mut self.inflight));
-                return; // leak the context too: the kernel may still write
-            }
-            for ev in &evs[..r as usize] {
-                self.inflight.remove(&ev.data);
+                Err(e) => {
+                    log::error!(
+                        "aio: cannot wait for {} operations: {e}",
+                        self.inflight.len()
+                    );
+                    std::mem::forget(std::mem::take(&mut self.inflight));
+                    return; // leak the context too: the kernel may still write
+                }
             }
         }
         // SAFETY: no operation is in flight; the context is ours.
