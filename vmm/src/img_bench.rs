@@ -113,16 +113,20 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let mut first_error = None;
     // This thread serves the one disk, as an I/O thread with one disk does. With aio=threads
     // each round's submissions go to the workers as one batch, as a device's drained ring
-    // does (and a round of one may run here, the lone-request rule). Linux AIO and io_uring
-    // get each request at once, as qemu-img bench gives them: batching the refills of a
-    // depth-32 loop made the device take them in bursts, all 32 completing together and the
-    // queue idle while the next batch was made (raw rw4k-d32 none, native: 71k/s batched,
-    // 132k/s one by one, on this host).
+    // does. Linux AIO and io_uring get each request at once, as qemu-img bench gives them:
+    // batching the refills of a depth-32 loop made the device take them in bursts, all 32
+    // completing together and the queue idle while the next batch was made (raw rw4k-d32
+    // none, native: 71k/s batched, 132k/s one by one, on this host). A round of one request
+    // is a batch of one for every engine (a batch of one is submitted at once all the same),
+    // so with nothing else in flight it takes the lone-request rule, as a guest's lone
+    // request on a device's I/O thread does.
     disk.set_alone(true);
     let batch = disk.aio_mode() == AioMode::Threads;
     let start = Instant::now();
     while completed < args.count {
-        if batch {
+        let round = (args.depth - in_flight).min((args.count - submitted) as usize);
+        let plugged = batch || round == 1;
+        if plugged {
             disk.plug();
         }
         while submitted < args.count && in_flight < args.depth {
@@ -158,7 +162,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             }
             submitted += 1;
         }
-        if batch {
+        if plugged {
             disk.unplug();
         }
         if in_flight == 0 {

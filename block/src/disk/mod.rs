@@ -355,7 +355,8 @@ impl Disk {
 
     /// Say whether the thread that submits to this disk serves it alone (no other disk or
     /// device on it): a request plugged and unplugged by itself while nothing else is in
-    /// flight may then run on that thread (`aio=threads`; see [`crate::engine::Engine::set_alone`]).
+    /// flight may then run, or be waited for, on that thread (see
+    /// [`crate::engine::Engine::set_alone`]).
     pub fn set_alone(&mut self, alone: bool) {
         self.engine.set_alone(alone);
     }

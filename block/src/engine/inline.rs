@@ -1,5 +1,5 @@
 //! Operations on the submitting thread, for the engines that hand work to the kernel or to
-//! workers (`aio=threads` and `aio=io_uring`). Two cases, with one pause between them:
+//! workers. Two cases, with one pause between them:
 //!
 //! **Small buffered writes** (`cache=writeback|writethrough|unsafe`). A buffered write is a
 //! copy into the page cache under the file's inode lock, which ext4 and XFS take
@@ -17,13 +17,16 @@
 //! Durable writes (RWF_DSYNC: writethrough, and qcow2's synchronous path) wait for the device
 //! and stay asynchronous.
 //!
-//! **A lone request** (`aio=threads`, any cache mode). When the submitting thread serves this
+//! **A lone request** (any engine, any cache mode). When the submitting thread serves this
 //! one disk and nothing else ([`Inline::set_alone`]), a batch of exactly one read or write of
 //! at most [`LONE_MAX`] with nothing else in flight is a guest at queue depth 1: the thread
-//! would only wait for its completion, so it may as well do the system call itself and spare
-//! the hand-off to a worker and back (two wake-ups; about 36 µs on the PVM hosts here, where
-//! fio psync reads 4 KiB with O_DIRECT in 57 µs and the hand-off made it 93 µs). A thread that
-//! serves other disks or queues never does this: one of them would wait behind the request.
+//! would only wait for its completion, so it may as well wait for it where it submits.
+//! `aio=threads` does the system call itself and spares the hand-off to a worker and back
+//! (two wake-ups; about 36 µs on the PVM hosts here, where fio psync reads 4 KiB with
+//! O_DIRECT in 57 µs and the hand-off made it 93 µs); `aio=io_uring` submits and waits in one
+//! io_uring_enter and `aio=native` waits in io_getevents after its io_submit, instead of a
+//! trip through the event loop and the completion eventfd. A thread that serves other disks
+//! or queues never does this: one of them would wait behind the request.
 //!
 //! Either way an inline operation can block (ext4 refuses RWF_NOWAIT for buffered writes:
 //! dirty-page throttling, a journal commit; a slow device under O_DIRECT): one that takes
@@ -106,33 +109,64 @@ impl Inline {
     /// the thread serves this engine alone and it is a read or write of at most
     /// [`LONE_MAX`]; its result, or None when it must go the asynchronous way.
     pub(crate) fn try_lone(&mut self, op: &EngineOp) -> Option<io::Result<usize>> {
-        let (OpKind::Read { iovecs, .. } | OpKind::Write { iovecs, .. }) = &op.kind else {
-            return None;
-        };
-        if !self.alone || iovecs.total() > LONE_MAX {
+        if !self.lone_allowed(op) {
             return None;
         }
-        self.run(op, LONE_SLOW)
+        Some(self.timed(LONE_SLOW, || run_blocking(op)))
+    }
+
+    /// Whether the submitting thread may wait for `op`, the only operation submitted and
+    /// nothing else in flight, itself: it serves this engine alone, `op` is a read or write
+    /// of at most [`LONE_MAX`], and lone requests are not paused. The engines that hand work
+    /// to the kernel wait with their own call (io_uring_enter, io_getevents) and then
+    /// report with [`Inline::lone_took`].
+    pub(crate) fn lone_allowed(&mut self, op: &EngineOp) -> bool {
+        let (OpKind::Read { iovecs, .. } | OpKind::Write { iovecs, .. }) = &op.kind else {
+            return false;
+        };
+        self.alone && iovecs.total() <= LONE_MAX && !self.paused()
+    }
+
+    /// A lone request was waited for in `took`: pause lone requests if that was slow.
+    pub(crate) fn lone_took(&mut self, took: Duration) {
+        self.note(took, LONE_SLOW);
     }
 
     /// Run `op` here unless paused, and pause if it takes longer than `slow`.
     fn run(&mut self, op: &EngineOp, slow: Duration) -> Option<io::Result<usize>> {
-        if let Some(until) = self.paused_until {
-            if Instant::now() < until {
-                return None;
-            }
-            self.paused_until = None;
+        if self.paused() {
+            return None;
         }
+        Some(self.timed(slow, || run_blocking(op)))
+    }
+
+    /// Whether inline operations are paused after a slow one (ending a pause that is over).
+    fn paused(&mut self) -> bool {
+        match self.paused_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.paused_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Run `f`, pausing inline operations if it takes longer than `slow`.
+    fn timed<T>(&mut self, slow: Duration, f: impl FnOnce() -> T) -> T {
         let start = Instant::now();
-        let result = run_blocking(op);
-        let took = start.elapsed();
+        let out = f();
+        self.note(start.elapsed(), slow);
+        out
+    }
+
+    fn note(&mut self, took: Duration, slow: Duration) {
         if took > slow {
             log::debug!(
                 "block: an inline operation took {took:?}; operations go the asynchronous way for a while"
             );
             self.paused_until = Some(Instant::now() + INLINE_BACKOFF);
         }
-        Some(result)
     }
 
     /// Pause (or, with a past instant, end the pause of) inline operations, as a slow one

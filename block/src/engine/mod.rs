@@ -147,9 +147,9 @@ pub trait Engine: Send {
     /// Hand the held operations to the kernel and stop holding.
     fn unplug(&mut self) {}
     /// Whether the submitting thread serves this engine and nothing else: then an unplugged
-    /// batch of one request with nothing else in flight (a guest at queue depth 1) may run on
-    /// that thread instead of being handed off and waited for (`inline.rs`; engines whose
-    /// hand-off costs no wake-up ignore it).
+    /// batch of one request with nothing else in flight (a guest at queue depth 1) may run,
+    /// or be waited for, on that thread within [`Engine::unplug`] instead of through the
+    /// eventfd (`inline.rs`).
     fn set_alone(&mut self, _alone: bool) {}
 }
 

@@ -10,6 +10,10 @@
 //! Between [`Engine::plug`] and [`Engine::unplug`] reads and writes are held and then go in
 //! one io_submit (a device popping a batch from its ring), as QEMU's linux-aio does.
 //!
+//! A lone request (a plugged batch of one read or write, nothing else in flight) on a thread
+//! that serves this disk alone is submitted and then waited for in io_getevents (`inline.rs`):
+//! the thread would only sleep in its event loop until the eventfd woke it.
+//!
 //! Linux AIO is only asynchronous with O_DIRECT (buffered io_submit blocks in the caller), so
 //! [`super::new_engine`] refuses it without O_DIRECT, as QEMU does.
 //!
@@ -28,9 +32,11 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::inline::Inline;
 use super::threads::ThreadsEngine;
 use super::{Engine, EngineCompletion, EngineOp, OpKind};
 use crate::options::AioMode;
@@ -96,6 +102,37 @@ fn io_setup(nr: u32) -> io::Result<AioContext> {
     Ok(ctx)
 }
 
+/// io_getevents into `evs` (again when interrupted): how many came. With `min` = 0 it returns
+/// at once; otherwise it blocks until at least `min` operations finished.
+fn io_getevents(ctx: AioContext, min: usize, evs: &mut [IoEvent]) -> io::Result<usize> {
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let timeout: *const libc::timespec = if min == 0 { &zero } else { std::ptr::null() };
+    loop {
+        // SAFETY: valid event array of the given length; the timeout is null (block) or
+        // points at `zero`, which outlives the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_getevents,
+                ctx,
+                min as libc::c_long,
+                evs.len() as libc::c_long,
+                evs.as_mut_ptr(),
+                timeout,
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
 /// The Linux AIO engine.
 pub struct NativeEngine {
     ctx: AioContext,
@@ -113,6 +150,11 @@ pub struct NativeEngine {
     /// Reads and writes are held in `held` until unplugged, then go in one io_submit.
     plugged: bool,
     held: Vec<EngineOp>,
+    /// When a lone request is waited for on the submitting thread.
+    inline: Inline,
+    /// Lone requests finished when `unplug` returned (found in the ring after io_submit,
+    /// or waited for in io_getevents) so far.
+    lone_waits: u64,
 }
 
 impl NativeEngine {
@@ -149,7 +191,33 @@ impl NativeEngine {
             user_ring,
             plugged: false,
             held: Vec::new(),
+            inline: Inline::new(false),
+            lone_waits: 0,
         })
+    }
+
+    /// Lone requests that had finished when `unplug` returned.
+    pub fn lone_waits(&self) -> u64 {
+        self.lone_waits
+    }
+
+    /// Whether the held batch is one lone request the thread may wait for itself.
+    fn waits_alone(&mut self) -> bool {
+        matches!(self.held.as_slice(), [op] if self.inline.lone_allowed(op))
+            && self.inflight.is_empty()
+            && self.waiting.is_empty()
+            && self.done.is_empty()
+            && !self.pool.busy()
+    }
+
+    /// Block until at least one operation in the kernel finishes and take what finished.
+    fn wait_one(&mut self) -> io::Result<()> {
+        let mut evs = [IoEvent::default(); 8];
+        let n = io_getevents(self.ctx, 1, &mut evs)?;
+        for ev in &evs[..n] {
+            self.take_event(*ev);
+        }
+        Ok(())
     }
 
     /// Submit the held operations with one io_submit (more if the kernel takes part of
@@ -298,32 +366,12 @@ impl NativeEngine {
             }
         } else {
             let mut evs = [IoEvent::default(); 64];
-            let zero = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            loop {
-                // SAFETY: valid event array of the given length and a valid timeout.
-                let r = unsafe {
-                    libc::syscall(
-                        libc::SYS_io_getevents,
-                        self.ctx,
-                        0 as libc::c_long,
-                        evs.len() as libc::c_long,
-                        evs.as_mut_ptr(),
-                        &zero,
-                    )
-                };
-                if r < 0 {
-                    if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                        continue;
-                    }
-                    break;
-                }
-                for ev in &evs[..r as usize] {
+            // An error leaves the events where they are, for the next reap.
+            while let Ok(n) = io_getevents(self.ctx, 0, &mut evs) {
+                for ev in &evs[..n] {
                     self.take_event(*ev);
                 }
-                if (r as usize) < evs.len() {
+                if n < evs.len() {
                     break;
                 }
             }
@@ -390,7 +438,31 @@ impl Engine for NativeEngine {
 
     fn unplug(&mut self) {
         self.plugged = false;
+        if !self.waits_alone() {
+            return self.submit_held();
+        }
         self.submit_held();
+        if self.inflight.len() == 1 && self.user_ring {
+            // Often finished within io_submit already (a fast device; reading the ring
+            // costs no system call).
+            self.reap();
+        }
+        if self.inflight.len() == 1 {
+            let start = Instant::now();
+            let waited = self.wait_one();
+            self.inline.lone_took(start.elapsed());
+            if let Err(e) = waited {
+                // The completion is reaped as usual when the eventfd fires.
+                log::debug!("aio: waiting for a lone request: {e}");
+            }
+        }
+        if self.inflight.is_empty() {
+            self.lone_waits += 1;
+        }
+    }
+
+    fn set_alone(&mut self, alone: bool) {
+        self.inline.set_alone(alone);
     }
 }
 
@@ -401,31 +473,20 @@ impl Drop for NativeEngine {
         // Buffers of operations in the kernel must not be freed before it is done with them.
         let mut evs = [IoEvent::default(); 64];
         while !self.inflight.is_empty() {
-            // SAFETY: valid event array; a null timeout blocks until at least one event.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_io_getevents,
-                    self.ctx,
-                    1 as libc::c_long,
-                    evs.len() as libc::c_long,
-                    evs.as_mut_ptr(),
-                    std::ptr::null::<libc::timespec>(),
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+            match io_getevents(self.ctx, 1, &mut evs) {
+                Ok(n) => {
+                    for ev in &evs[..n] {
+                        self.inflight.remove(&ev.data);
+                    }
                 }
-                log::error!(
-                    "aio: cannot wait for {} operations: {e}",
-                    self.inflight.len()
-                );
-                std::mem::forget(std::mem::take(&mut self.inflight));
-                return; // leak the context too: the kernel may still write
-            }
-            for ev in &evs[..r as usize] {
-                self.inflight.remove(&ev.data);
+                Err(e) => {
+                    log::error!(
+                        "aio: cannot wait for {} operations: {e}",
+                        self.inflight.len()
+                    );
+                    std::mem::forget(std::mem::take(&mut self.inflight));
+                    return; // leak the context too: the kernel may still write
+                }
             }
         }
         // SAFETY: no operation is in flight; the context is ours.
@@ -436,7 +497,7 @@ impl Drop for NativeEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::testing::{completed_ids, filled, submit_reads};
+    use crate::engine::testing::{check_lone_waits, completed_ids, filled, submit_reads};
     use crate::sg::AlignedBuf;
     use crate::testutil::TempDir;
 
@@ -483,5 +544,22 @@ mod tests {
         assert!(completed_ids(&mut e, 24, 4096) == (0..24).collect::<Vec<u64>>());
         drop(e);
         assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0x6b)));
+    }
+
+    /// A lone request is waited for in io_getevents on a thread that serves the engine
+    /// alone (`testing::check_lone_waits`).
+    #[test]
+    fn a_lone_request_is_waited_for_in_unplug() {
+        let dir = TempDir::new("aio-lone");
+        let file = filled(&dir, 0x4e, 64 << 10, true);
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut e = NativeEngine::new(evt.try_clone().unwrap(), 8).unwrap();
+        check_lone_waits(
+            &mut e,
+            NativeEngine::lone_waits,
+            &evt,
+            file.as_raw_fd(),
+            0x4e,
+        );
     }
 }

@@ -101,3 +101,40 @@ pub fn filled(dir: &TempDir, byte: u8, len: usize, direct: bool) -> std::fs::Fil
         .open(&path)
         .unwrap()
 }
+
+/// The lone-request rule of an engine that waits in the kernel (`inline.rs`), seen from
+/// outside: on a thread that serves the engine alone, a plugged batch of one read of `fd`
+/// (filled with `byte`) has completed when `unplug` returns, counted by `waits`; on a thread
+/// that is not alone, or for a batch of two, `unplug` only submits. Every read brings its
+/// data, and the eventfd `evt` the engine signals is readable after the waited one.
+pub fn check_lone_waits<E: Engine>(
+    e: &mut E,
+    waits: fn(&E) -> u64,
+    evt: &vmm_sys_util::eventfd::EventFd,
+    fd: i32,
+    byte: u8,
+) {
+    let mut bufs: Vec<AlignedBuf> = (0..4).map(|_| AlignedBuf::new(4096, 4096)).collect();
+    e.plug();
+    submit_reads(e, fd, &mut bufs[..1], 0);
+    e.unplug();
+    assert_eq!(waits(e), 0, "not alone: not waited for");
+    assert!(completed_ids(e, 1, 4096) == [0]);
+    e.set_alone(true);
+    let _ = evt.read();
+    e.rearm();
+    e.plug();
+    submit_reads(e, fd, &mut bufs[1..2], 1);
+    e.unplug();
+    assert_eq!(waits(e), 1, "alone: waited for in unplug");
+    assert!(e.ready(), "complete when unplug returns");
+    assert!(evt.read().is_ok(), "the eventfd was signalled");
+    e.rearm();
+    assert!(completed_ids(e, 1, 4096) == [1]);
+    e.plug();
+    submit_reads(e, fd, &mut bufs[2..4], 2);
+    e.unplug();
+    assert_eq!(waits(e), 1, "a batch of two is not waited for");
+    assert!(completed_ids(e, 2, 4096) == [2, 3]);
+    assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == byte)));
+}

@@ -177,6 +177,11 @@ impl ThreadsEngine {
         None
     }
 
+    /// Whether operations handed to the workers have not finished yet.
+    pub(crate) fn busy(&self) -> bool {
+        self.shared.busy.load(Ordering::Acquire) > 0
+    }
+
     /// Queue `ops` for the workers under one lock, wake as many idle ones and start more
     /// while the queue outgrows them.
     fn hand_off(&mut self, ops: impl Iterator<Item = EngineOp>) {
@@ -288,7 +293,7 @@ impl Engine for ThreadsEngine {
     fn unplug(&mut self) {
         self.plugged = false;
         if let [op] = self.held.as_slice() {
-            if self.shared.busy.load(Ordering::Acquire) == 0 {
+            if !self.busy() {
                 if let Some(result) = self.inline.try_lone(op) {
                     let id = op.id;
                     self.held.clear();
