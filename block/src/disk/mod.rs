@@ -193,6 +193,9 @@ pub struct Disk {
     done: VecDeque<Done>,
     /// `take_ready` took completions without resetting the eventfd.
     evt_unread: bool,
+    /// This disk wrote the eventfd for a request it finished itself and the eventfd has not
+    /// been reset since: it is still readable, so the next such request needs no write.
+    evt_raised: bool,
     /// Requests waiting for throttle budget (`None`: no throttle group).
     throttle: Option<DiskThrottle>,
     stats: Arc<DiskStats>,
@@ -444,6 +447,7 @@ impl Disk {
         let _ = self.evt.read();
         self.engine.rearm();
         self.evt_unread = false;
+        self.evt_raised = false;
     }
 
     /// The requests finished now, like [`Disk::completions`] but leaving the eventfd as it
@@ -488,10 +492,21 @@ impl Disk {
             .into_iter()
     }
 
-    fn signal(&self) {
+    /// Make the eventfd readable for requests this disk finished itself (a read of a hole or
+    /// a zero cluster, a refused or throttled request), unless it still is from an earlier
+    /// signal: as the engines do, one write stands for every completion until the consumer
+    /// resets the eventfd. A read of a never-written qcow2 cluster otherwise paid an eventfd
+    /// write per request: 2 million 4 KiB reads of an empty qcow2 at depth 1 (`platter img
+    /// bench`, io_uring) took 1.5-1.7 s with 20000 writes per 20000 reads, 0.72-0.85 s
+    /// without (qemu-img bench: 5.0 s).
+    fn signal(&mut self) {
+        if self.evt_raised {
+            return;
+        }
         if let Err(e) = self.evt.write(1) {
             log::error!("cannot signal block completion eventfd: {e}");
         }
+        self.evt_raised = true;
     }
 
     fn validate(&self, op: &RequestOp) -> Result<(), BlockError> {

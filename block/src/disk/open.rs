@@ -97,6 +97,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Disk, BlockError> {
         req_align: req_align as u64,
         mem_align,
         evt_unread: false,
+        evt_raised: false,
         ranges: RangeLock::default(),
         done: VecDeque::new(),
         throttle,

@@ -372,6 +372,38 @@ fn requests_finished_on_submission_are_ready() {
     }
 }
 
+/// Requests the disk finishes itself signal the eventfd once until it is reset, as the
+/// engines' completions do: three reads of a never-written qcow2 cluster taken with
+/// `take_ready` leave a count of 1 (one write, not three); after a reset the next one writes
+/// again, so a waiting consumer still wakes.
+#[test]
+fn requests_finished_on_submission_signal_once_until_reset() {
+    let dir = TempDir::new("signal-once");
+    let path = dir.path().join("d.qcow2");
+    crate::img::create(&path, Format::Qcow2, DISK_SIZE, &Default::default()).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    for aio in ENGINES {
+        let mut d = open_qcow2(&path, CacheMode::None, aio);
+        let read = |d: &mut Disk, tag| {
+            let sg = SgList::from_guest(&mem, &[(GuestAddress(0), 4096)]).unwrap();
+            let op = RequestOp::Read { offset: 0, buf: sg };
+            d.submit(Request { tag, op }).unwrap();
+            assert_eq!(d.take_ready().count(), 1, "{aio:?}");
+        };
+        for tag in 0..3 {
+            read(&mut d, tag);
+        }
+        assert_eq!(d.evt.read().unwrap(), 1, "{aio:?}: one signal for three");
+        d.reset_evt();
+        read(&mut d, 3);
+        assert_eq!(
+            d.evt.read().unwrap(),
+            1,
+            "{aio:?}: signalled again after a reset"
+        );
+    }
+}
+
 /// A caller that takes completions with `take_ready` and waits only with
 /// `wait_completions` never misses one: requests that finish during their submission (reads
 /// of a hole) leave the eventfd unread, and the next wait resets it before sleeping, for
