@@ -2,10 +2,11 @@
 //! `x`. Discard punches holes (FALLOC_FL_PUNCH_HOLE); write-zeroes uses FALLOC_FL_ZERO_RANGE
 //! (for block devices the kernel turns these into BLKDISCARD-like zeroing and BLKZEROOUT).
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 
 use crate::format::{Extent, FormatDriver};
 use crate::options::Format;
@@ -142,6 +143,33 @@ impl FormatDriver for RawDriver {
     }
 }
 
+/// Open an image (or a backing file) for reading, and writing unless `readonly`, with
+/// O_DIRECT when `direct`; without access-time updates when the kernel allows it (the caller
+/// owns the file, or is root). A read through the page cache otherwise asks the clock and
+/// the file system whether the access time is due (`atime_needs_update`, `current_time`,
+/// `touch_atime`: 4 % of the CPU time of a cached 4 KiB read in perf), for a time no one
+/// reads on a disk image. Someone else's file (EPERM) opens as it is.
+pub fn open_image_file(path: &Path, readonly: bool, direct: bool) -> io::Result<File> {
+    let open = |noatime: bool| {
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        if noatime {
+            flags |= libc::O_NOATIME;
+        }
+        OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(true) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(false),
+        r => r,
+    }
+}
+
 /// O_DIRECT alignment of `file`: (file offset and length alignment, memory alignment).
 ///
 /// Asks the kernel first (statx STATX_DIOALIGN, Linux 6.1+), then the block device's logical
@@ -176,4 +204,45 @@ pub fn direct_io_alignment(file: &File) -> (usize, usize) {
         }
     }
     (FALLBACK, FALLBACK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+    use std::io::Read;
+    use std::time::{Duration, SystemTime};
+
+    /// Reading an image opened by Platter leaves its access time alone, even one old enough
+    /// that a relatime mount would update it on the next read.
+    #[test]
+    fn image_reads_do_not_touch_the_access_time() {
+        let dir = TempDir::new("raw-noatime");
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3 * 86400);
+        let times = std::fs::FileTimes::new().set_accessed(old);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_times(times)
+            .unwrap();
+        for direct in [false, true] {
+            let Ok(mut f) = open_image_file(&path, true, direct) else {
+                assert!(direct, "a buffered open cannot fail here");
+                continue; // this file system has no O_DIRECT
+            };
+            // SAFETY: fcntl on a descriptor this test owns.
+            let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+            assert_ne!(flags & libc::O_NOATIME, 0, "direct={direct}");
+            if !direct {
+                let mut data = Vec::new();
+                f.read_to_end(&mut data).unwrap();
+                assert_eq!(data.len(), 8192);
+            }
+        }
+        let atime = std::fs::metadata(&path).unwrap().accessed().unwrap();
+        assert_eq!(atime, old, "the read moved the access time");
+    }
 }

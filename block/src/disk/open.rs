@@ -4,14 +4,7 @@
 use super::*;
 
 fn open_file(path: &Path, readonly: bool, direct: bool) -> Result<File, BlockError> {
-    let mut o = OpenOptions::new();
-    o.read(true).write(!readonly);
-    let mut flags = libc::O_CLOEXEC;
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
-    o.custom_flags(flags);
-    o.open(path).map_err(|source| {
+    crate::raw::open_image_file(path, readonly, direct).map_err(|source| {
         if direct && source.raw_os_error() == Some(libc::EINVAL) {
             BlockError::DirectUnsupported {
                 path: path.to_path_buf(),

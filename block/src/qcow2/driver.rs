@@ -655,12 +655,7 @@ fn open_backing(
         source,
     };
     let direct_file = direct.and_then(|(offset, mem)| {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
-            .open(&path)
-            .ok()?;
+        let f = crate::raw::open_image_file(&path, true, true).ok()?;
         let (o, m) = crate::raw::direct_io_alignment(&f);
         // A qcow2 base with clusters smaller than the alignment cannot be read direct.
         let small_clusters = format == Format::Qcow2
@@ -669,7 +664,10 @@ fn open_backing(
     });
     let (file, align) = match direct_file {
         Some(f) => f,
-        None => (File::open(&path).map_err(open_err)?, 1),
+        None => (
+            crate::raw::open_image_file(&path, true, false).map_err(open_err)?,
+            1,
+        ),
     };
     Ok(match format {
         Format::Raw => {
