@@ -303,8 +303,13 @@ impl Engine for ThreadsEngine {
                 }
             }
         }
-        let held = std::mem::take(&mut self.held);
-        self.hand_off(held.into_iter());
+        if self.held.is_empty() {
+            return;
+        }
+        // Handed back empty, the vector keeps its capacity for the next batch.
+        let mut held = std::mem::take(&mut self.held);
+        self.hand_off(held.drain(..));
+        self.held = held;
     }
 
     fn set_alone(&mut self, alone: bool) {
